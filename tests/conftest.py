@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_host_index = itertools.count(8)
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +20,40 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llama3_ops.checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny") / "Meta-Llama-3-8B-Instruct", "tiny")
+
+
+@pytest.fixture(scope="session")
+def lfs_repo(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real git-lfs bare repository holding the tiny checkpoint."""
+    from llama3_ops.lfsrepo import publish
+
+    bare = tmp_path_factory.mktemp("lfs") / "Meta-Llama-3-8B-Instruct.git"
+    publish(tiny_model, bare)
+    return bare
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[object]:
+    """The fresh-host lab: a bookworm rootfs built once per test run (about 45 s)."""
+    from llama3_ops.freshhost import FreshHostLab
+
+    if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None or shutil.which("mmdebstrap") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the fresh-host tests: run as root with mmdebstrap and systemd-container")
+        pytest.skip("fresh hosts need root, mmdebstrap and systemd-nspawn (see README)")
+    base = Path(os.environ.get("LLAMA3_FRESH_HOSTS", ROOT / ".fresh-hosts"))
+    lab = FreshHostLab(base)
+    lab.build()
+    yield lab
+
+
+@pytest.fixture
+def fresh_host(lab: object, request: pytest.FixtureRequest) -> Iterator[object]:
+    """A throwaway host booted for one test; yields an SSHTarget."""
+    from llama3_ops.freshhost import FreshHostLab
+
+    assert isinstance(lab, FreshHostLab)
+    idx = next(_host_index)
+    name = f"fh{idx}"
+    with lab.host(name, idx) as target:
+        yield target

@@ -136,8 +136,8 @@ def make_checkpoint(out: Path, shape_name: str = "tiny", device: str = "cpu", se
     torch.manual_seed(seed)
     config = LlamaConfig(**llama3_config(shape))
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=BOS_ID,
         eos_token_id=[END_OF_TEXT_ID, EOT_ID],
         do_sample=True,

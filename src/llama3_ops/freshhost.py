@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import glob
 import os
 import shutil
 import signal
@@ -155,7 +154,7 @@ class FreshHostLab:
             "AllowTcpForwarding yes\nMaxSessions 32\nMaxStartups 64:30:128\n"
         )
         # TLS to the registries is re-signed by a local CA on this kind of machine: trust it in the guest.
-        cas = glob.glob("/usr/local/share/ca-certificates/*.crt")
+        cas = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
         if cas:
             for ca in cas:
                 shutil.copy(ca, r / "usr/local/share/ca-certificates/")
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             lab.down(args.name, args.idx)
         else:
             t = lab.target(lab.instance(args.name, args.idx))
-            os.execvp("ssh", t.ssh_argv(*args.command))
+            os.execvp("ssh", t.ssh_argv(*args.command))  # noqa: S606
     except FreshHostError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

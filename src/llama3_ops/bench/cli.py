@@ -1,0 +1,390 @@
+"""Command line: ``python -m llama3_ops.bench {online,offline,check,crosscheck}``.
+
+Exit codes: 0 done (and ``--check`` passed or had no comparable baseline), 1 ``--check`` found a
+regression, 2 bad input or unreachable target (one message, no traceback, no complete-marked JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from rich.console import Console
+
+from llama3_ops.bench import report
+from llama3_ops.bench.errors import BenchError
+from llama3_ops.bench.metrics import aggregate
+from llama3_ops.bench.workload import Workload, build_workload
+
+DEFAULT_API_KEY_ENV = "LLAMA3_OPS_BENCH_API_KEY"
+
+
+def parse_concurrency(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise BenchError(f"--concurrency must be a comma-separated list of integers, got {text!r}") from exc
+    if not vals or any(v <= 0 for v in vals):
+        raise BenchError(f"--concurrency values must be > 0, got {text!r}")
+    return vals
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise BenchError(f"--engine-setting takes KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--concurrency", default="256", help="comma-separated list; one run per value (sweep)")
+    ap.add_argument("--num-prompts", type=int, default=1000, help="requests per run point")
+    ap.add_argument(
+        "--dataset",
+        default="sharegpt",
+        help="'sharegpt' (packaged, truncated file), a ShareGPT JSON path, or synthetic:IN:OUT",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or model dir (default: real Llama 3)")
+    ap.add_argument(
+        "--max-output-len",
+        type=int,
+        default=None,
+        help="cap each request's output tokens (CPU smoke tests); recorded in the JSON",
+    )
+    ap.add_argument("--out", default=None, help="output directory (default bench-results/<UTC time>)")
+    ap.add_argument("--profile", default="course", help="a label recorded in the JSON")
+    ap.add_argument("--check", action="store_true", help="exit 1 if RPS < (1 - margin) x matching baseline")
+    ap.add_argument("--margin", type=float, default=0.1)
+    ap.add_argument("--baselines", default=None, help="baselines JSON (default: the packaged one)")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    on = sub.add_parser(
+        "online", help="load an OpenAI-compatible server (lmdeploy api_server, transformers serve)"
+    )
+    on.add_argument("--base-url", required=True)
+    on.add_argument("--model", required=True, help="model id sent in each request")
+    on.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    on.add_argument(
+        "--api-key-env",
+        default=DEFAULT_API_KEY_ENV,
+        help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV}); never printed",
+    )
+    on.add_argument("--temperature", type=float, default=0.0)
+    on.add_argument("--top-p", type=float, default=1.0)
+    on.add_argument(
+        "--ignore-eos",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="send ignore_eos (auto: probe once; transformers serve rejects the field, lmdeploy accepts it)",
+    )
+    on.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    on.add_argument("--timeout", type=float, default=3600.0, help="overall seconds per run point")
+    on.add_argument(
+        "--connector-limit",
+        type=int,
+        default=0,
+        help="aiohttp connection cap (0 = none; aiohttp's own default 100 would cap concurrency)",
+    )
+    on.add_argument(
+        "--engine", default="openai-compatible", help="server engine name, recorded (e.g. lmdeploy)"
+    )
+    on.add_argument("--engine-version", default="unknown")
+    on.add_argument("--backend", default=None, help="server backend, recorded (e.g. pytorch, turbomind)")
+    on.add_argument(
+        "--engine-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="server settings for the record and the baseline key, e.g. max_batch_size=512",
+    )
+    _common(on)
+
+    off = sub.add_parser("offline", help="lmdeploy in-process pipeline (as profile_throughput.py)")
+    off.add_argument("--model", required=True, help="model path")
+    off.add_argument("--backend", choices=("pytorch", "turbomind"), default="pytorch")
+    off.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="engine max batch size (= concurrency, as profile_throughput); default: --concurrency",
+    )
+    off.add_argument("--cache-max-entry-count", type=float, default=0.8)
+    off.add_argument("--tp", type=int, default=1)
+    off.add_argument("--session-len", type=int, default=4096)
+    off.add_argument("--quant-policy", type=int, default=0)
+    off.add_argument("--top-k", type=int, default=1)
+    off.add_argument("--no-stream", action="store_true", help="batch call: RPS/tok/s only")
+    _common(off)
+
+    ck = sub.add_parser("check", help="compare result JSONs with the baselines; exit 1 on regression")
+    ck.add_argument("results", nargs="+")
+    ck.add_argument("--margin", type=float, default=0.1)
+    ck.add_argument("--baselines", default=None)
+
+    cc = sub.add_parser("crosscheck", help="run aiperf against the same server + workload and compare")
+    cc.add_argument("--base-url", required=True)
+    cc.add_argument("--model", required=True)
+    cc.add_argument("--tokenizer-dir", required=True, help="HF tokenizer dir for aiperf (e.g. the model dir)")
+    cc.add_argument("--concurrency", type=int, default=4)
+    cc.add_argument("--num-prompts", type=int, default=16)
+    cc.add_argument("--input-len", type=int, default=128)
+    cc.add_argument("--output-len", type=int, default=32)
+    cc.add_argument("--aiperf", default="aiperf", help="aiperf executable (e.g. /tmp/aiperf-venv/bin/aiperf)")
+    cc.add_argument("--out", default="bench-crosscheck")
+    cc.add_argument("--tolerance", type=float, default=0.05)
+    return ap
+
+
+def _out_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    return Path("bench-results") / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _workload(args: argparse.Namespace, console: Console) -> Workload:
+    if args.num_prompts <= 0:
+        raise BenchError("--num-prompts must be > 0")
+    if args.max_output_len is not None and args.max_output_len <= 0:
+        raise BenchError("--max-output-len must be > 0")
+    with console.status(
+        f"building workload {args.dataset} (first ShareGPT use tokenizes ~17k conversations)"
+    ):
+        wl = build_workload(
+            args.dataset,
+            args.num_prompts,
+            args.seed,
+            Path(args.tokenizer) if args.tokenizer else None,
+            args.max_output_len,
+        )
+    i = wl.info
+    if i.kind == "sharegpt":
+        console.print(
+            f"dataset: {i.complete_records} complete records"
+            f"{f' (file cut at byte {i.cut_offset} of {i.file_bytes})' if i.truncated else ''}, "
+            f"{i.usable} usable, {i.sampled} sampled (seed {i.seed})"
+        )
+    return wl
+
+
+def _finish(runs: list[dict[str, Any]], out: Path, args: argparse.Namespace, console: Console) -> int:
+    from llama3_ops.bench.plots import latency_cdf_plot, throughput_plot
+
+    baselines = report.load_baselines(Path(args.baselines) if args.baselines else None)
+    files = []
+    for r in runs:
+        name = f"{r['mode']}-c{r['concurrency']['requested']:04d}.json"
+        files.append(report.write_json_atomic(out / name, report.finalize(r)))
+    plots = [
+        throughput_plot(runs, out / "throughput_vs_concurrency.png"),
+        latency_cdf_plot(runs, out / "latency_cdf.png"),
+    ]
+    summary = report.summary_record(runs, files, plots)
+    rc = 0
+    if args.check:
+        checks = [report.check_run(r, baselines, args.margin) for r in runs]
+        summary["check"] = [c.__dict__ for c in checks]
+        for c in checks:
+            console.print(("[green]" if c.passed else "[red]") + c.message)
+        rc = 0 if all(c.passed for c in checks) else 1
+    report.write_json_atomic(out / "summary.json", summary)
+    report.print_report(runs, baselines, console)
+    console.print(f"results: {out}/ ({len(files)} point JSONs, summary.json, {len(plots)} PNGs)")
+    return rc
+
+
+def cmd_online(args: argparse.Namespace, console: Console) -> int:
+    from llama3_ops.bench.client import ClientConfig, check_server, probe_ignore_eos, run_load
+
+    conc = parse_concurrency(args.concurrency)
+    u = urlparse(args.base_url)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise BenchError(f"--base-url must be http(s)://host:port, got {args.base_url!r}")
+    cfg = ClientConfig(
+        base_url=args.base_url,
+        model=args.model,
+        endpoint=args.endpoint,
+        api_key=os.environ.get(args.api_key_env) or None,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        ignore_eos=args.ignore_eos != "off",
+        request_timeout_s=args.request_timeout,
+        total_timeout_s=args.timeout,
+        connector_limit=args.connector_limit,
+        progress=not args.no_progress,
+    )
+    asyncio.run(check_server(cfg))
+    ignore_eos_note = f"--ignore-eos {args.ignore_eos}"
+    if args.ignore_eos == "auto":
+        cfg.ignore_eos, ignore_eos_note = asyncio.run(probe_ignore_eos(cfg))
+        if not cfg.ignore_eos:
+            console.print(f"[yellow]warning:[/] {ignore_eos_note}; output lengths are then only upper bounds")
+    wl = _workload(args, console)
+    engine = {
+        "name": args.engine,
+        "version": args.engine_version,
+        "backend": args.backend,
+        "settings": parse_settings(args.engine_setting),
+    }
+    out = _out_dir(args.out)
+    prov = report.provenance()
+    runs = []
+    for c in conc:
+        lr = asyncio.run(run_load(wl.requests, c, cfg))
+        m = aggregate(lr.results, lr.wall_s)
+        m["timed_out"] = lr.timed_out
+        settings: dict[str, Any] = {
+            **engine["settings"],
+            "backend": args.backend,
+            **cfg.public(),
+            "num_prompts": args.num_prompts,
+            "seed": args.seed,
+            "max_output_len": args.max_output_len,
+            "ignore_eos_note": ignore_eos_note,
+        }
+        runs.append(
+            report.run_record(
+                mode="online",
+                engine=engine,
+                profile=args.profile,
+                settings=settings,
+                dataset=wl.info.to_dict(),
+                metrics=m,
+                concurrency=c,
+                per_request=[r.to_compact() for r in lr.results],
+                prov=prov,
+            )
+        )
+    return _finish(runs, out, args, console)
+
+
+def cmd_offline(args: argparse.Namespace, console: Console) -> int:
+    from llama3_ops.bench.offline import OfflineSettings, run_offline
+
+    conc = parse_concurrency(args.concurrency) if args.max_batch_size is None else [args.max_batch_size]
+    if args.max_batch_size is not None and args.max_batch_size <= 0:
+        raise BenchError("--max-batch-size must be > 0")
+    if not 0.0 < args.cache_max_entry_count <= 1.0:
+        raise BenchError("--cache-max-entry-count must be in (0, 1]")
+    if not Path(args.model).exists():
+        raise BenchError(f"model path not found: {args.model}")
+    wl = _workload(args, console)
+    out = _out_dir(args.out)
+    prov = report.provenance()
+    runs = []
+    for c in conc:
+        st = OfflineSettings(
+            backend=args.backend,
+            max_batch_size=c,
+            cache_max_entry_count=args.cache_max_entry_count,
+            tp=args.tp,
+            session_len=args.session_len,
+            quant_policy=args.quant_policy,
+            top_k=args.top_k,
+            stream=not args.no_stream,
+        )
+        results, wall, engine = run_offline(args.model, wl.requests, st)
+        m = aggregate(results, wall)
+        settings = {
+            **st.to_dict(),
+            "num_prompts": args.num_prompts,
+            "seed": args.seed,
+            "max_output_len": args.max_output_len,
+            "model": args.model,
+        }
+        runs.append(
+            report.run_record(
+                mode="offline",
+                engine=engine,
+                profile=args.profile,
+                settings=settings,
+                dataset=wl.info.to_dict(),
+                metrics=m,
+                concurrency=c,
+                per_request=[r.to_compact() for r in results],
+                prov=prov,
+            )
+        )
+    return _finish(runs, out, args, console)
+
+
+def cmd_check(args: argparse.Namespace, console: Console) -> int:
+    baselines = report.load_baselines(Path(args.baselines) if args.baselines else None)
+    rc = 0
+    runs = []
+    for f in args.results:
+        p = Path(f)
+        try:
+            run = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"cannot read result {f}: {exc}") from exc
+        if run.get("schema") != report.SCHEMA or run.get("status") != "complete":
+            raise BenchError(f"{f} is not a complete {report.SCHEMA} result")
+        runs.append(run)
+        c = report.check_run(run, baselines, args.margin)
+        console.print(("[green]" if c.passed else "[red]") + f"{p.name}: {c.message}")
+        rc = rc or (0 if c.passed else 1)
+    report.print_report(runs, baselines, console)
+    return rc
+
+
+def cmd_crosscheck(args: argparse.Namespace, console: Console) -> int:
+    from llama3_ops.bench.crosscheck import crosscheck
+
+    res = crosscheck(
+        base_url=args.base_url,
+        model=args.model,
+        tokenizer_dir=Path(args.tokenizer_dir),
+        concurrency=args.concurrency,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        aiperf=args.aiperf,
+        out=Path(args.out),
+        tolerance=args.tolerance,
+        console=console,
+    )
+    report.write_json_atomic(Path(args.out) / "crosscheck.json", res)
+    console.print_json(json.dumps({k: v for k, v in res.items() if k != "aiperf_raw"}))
+    return 0 if res.get("within_tolerance") else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Wide enough for the results table when the output goes to a log file rather than a terminal.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True)
+    handlers = {
+        "online": cmd_online,
+        "offline": cmd_offline,
+        "check": cmd_check,
+        "crosscheck": cmd_crosscheck,
+    }
+    try:
+        return handlers[args.cmd](args, console)
+    except BenchError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""The one error type the bench CLI turns into a clean message and exit code 2."""
+
+from __future__ import annotations
+
+
+class BenchError(Exception):
+    """Bad input or an unreachable target: reported as one line, exit code 2, no traceback."""

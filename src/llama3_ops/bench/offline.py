@@ -1,0 +1,161 @@
+"""lmdeploy in-process ("offline") throughput, as ``benchmark/profile_throughput.py`` runs it.
+
+The engine is built with ``lmdeploy.pipeline(model, backend_config=...)``: ``PytorchEngineConfig``
+(or ``TurbomindEngineConfig`` for ``backend="turbomind"``) with ``max_batch_size = concurrency``
+(profile_throughput sets the batch size to its ``--concurrency``), ``cache_max_entry_count``, ``tp``,
+``session_len`` and ``quant_policy``. Every request gets
+``GenerationConfig(max_new_tokens=output_len, ignore_eos=True, top_k=1, ...)``.
+
+Streaming (``pipeline.stream_infer``, lmdeploy >= 0.5) gives per-request TTFT/ITL/e2e, measured
+from the moment the batch is submitted (so TTFT includes the engine's queueing, as in
+profile_throughput); without it we fall back to the batch call ``pipeline(prompts, gen_config=...)``
+and report RPS/tok/s only.
+
+lmdeploy is imported inside the functions (it is not installable on CPU-only hosts); the
+``lmdeploy_module`` argument takes any object with the same attributes, which is how the unit tests
+check the configs. A script that starts the engine must guard with ``if __name__ == "__main__":``
+(lmdeploy spawns worker processes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llama3_ops.bench.errors import BenchError
+from llama3_ops.bench.metrics import RequestResult
+from llama3_ops.bench.workload import Request
+
+
+@dataclass
+class OfflineSettings:
+    backend: str = "pytorch"  # "pytorch" | "turbomind"
+    max_batch_size: int = 256
+    cache_max_entry_count: float = 0.8
+    tp: int = 1
+    session_len: int = 4096
+    quant_policy: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 1
+    stream: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def import_lmdeploy() -> Any:
+    try:
+        import lmdeploy
+    except ImportError as exc:
+        raise BenchError("lmdeploy is not installed (pip install lmdeploy on a CUDA host)") from exc
+    return lmdeploy
+
+
+def build_engine_config(settings: OfflineSettings, lmdeploy_module: Any) -> Any:
+    """``PytorchEngineConfig`` / ``TurbomindEngineConfig`` as profile_throughput builds them."""
+    common = {
+        "session_len": settings.session_len,
+        "max_batch_size": settings.max_batch_size,
+        "tp": settings.tp,
+        "cache_max_entry_count": settings.cache_max_entry_count,
+    }
+    if settings.backend == "turbomind":
+        return lmdeploy_module.TurbomindEngineConfig(**common, quant_policy=settings.quant_policy)
+    if settings.backend == "pytorch":
+        kw: dict[str, Any] = dict(common)
+        if settings.quant_policy:
+            kw["quant_policy"] = settings.quant_policy
+        return lmdeploy_module.PytorchEngineConfig(**kw)
+    raise BenchError(f"unknown backend {settings.backend!r} (pytorch or turbomind)")
+
+
+def build_gen_configs(
+    requests: Sequence[Request], settings: OfflineSettings, lmdeploy_module: Any
+) -> list[Any]:
+    return [
+        lmdeploy_module.GenerationConfig(
+            max_new_tokens=r.output_len,
+            ignore_eos=True,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            temperature=settings.temperature,
+        )
+        for r in requests
+    ]
+
+
+def _token_count(item: Any) -> int:
+    n = getattr(item, "generate_token_len", None)
+    if n is None:
+        ids = getattr(item, "token_ids", None)
+        n = len(ids) if ids is not None else 0
+    return int(n)
+
+
+def run_offline(
+    model: str,
+    requests: Sequence[Request],
+    settings: OfflineSettings,
+    lmdeploy_module: Any | None = None,
+    pipe: Any | None = None,
+) -> tuple[list[RequestResult], float, dict[str, Any]]:
+    """Run the requests through an lmdeploy pipeline; returns (results, wall seconds, engine info)."""
+    if settings.max_batch_size <= 0:
+        raise BenchError("max batch size (concurrency) must be > 0")
+    lm = lmdeploy_module if lmdeploy_module is not None else import_lmdeploy()
+    backend_config = build_engine_config(settings, lm)
+    if pipe is None:
+        pipe = lm.pipeline(model, backend_config=backend_config)
+    gen = build_gen_configs(requests, settings, lm)
+    prompts = [r.prompt for r in requests]
+    results = [
+        RequestResult(index=i, prompt_len=r.prompt_len, requested_output_len=r.output_len)
+        for i, r in enumerate(requests)
+    ]
+    engine = {
+        "name": "lmdeploy",
+        "version": str(getattr(lm, "__version__", "unknown")),
+        "backend": settings.backend,
+        "config": repr(backend_config),
+        "api": "",
+    }
+    t0 = time.perf_counter()
+    for rec in results:
+        rec.start = t0
+        rec.sent = t0
+    if settings.stream and hasattr(pipe, "stream_infer"):
+        engine["api"] = "pipeline.stream_infer"
+        last: dict[int, float] = {}
+        for item in pipe.stream_infer(prompts, gen_config=gen):
+            now = time.perf_counter()
+            i = int(getattr(item, "index", 0))
+            rec = results[i]
+            n = _token_count(item)
+            if n > rec.output_tokens:
+                if rec.first_token is None:
+                    rec.first_token = now
+                elif i in last:
+                    rec.itl.append(now - last[i])
+                last[i] = now
+                rec.output_tokens = n
+            rec.end = now
+            if getattr(item, "finish_reason", None) is not None:
+                rec.success = rec.output_tokens > 0
+    else:
+        engine["api"] = "pipeline.__call__ (batch; RPS and tok/s only)"
+        outs = pipe(prompts, gen_config=gen)
+        now = time.perf_counter()
+        for rec, out in zip(results, outs, strict=True):
+            rec.output_tokens = _token_count(out)
+            rec.end = now
+            rec.success = rec.output_tokens > 0
+    for rec in results:
+        rec.output_tokens_source = "engine"
+        if not rec.success:
+            rec.error = rec.error or "no finished output"
+            rec.end = rec.end or time.perf_counter()
+    wall = max(r.end for r in results) - t0 if results else 0.0
+    return results, wall, engine

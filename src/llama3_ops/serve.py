@@ -1,0 +1,385 @@
+"""Build and run the course's OpenAI-compatible model server on the host (stage 4, "deploy").
+
+Replaces ``lmdeploy serve api_server ... --server-name 0.0.0.0`` in a foreground terminal with a
+supervised service bound to 127.0.0.1 (reached through :mod:`llama3_ops.tunnel`).
+
+Model names (relative to the host user's ``$HOME``):
+
+=========  ===========================================  =====================
+``base``   ``~/model/Meta-Llama-3-8B-Instruct``           stage 1 download
+``merged`` ``~/model/llama3_hf_merged``                   stage 3 XTuner merge
+``4bit``   ``~/model/Meta-Llama-3-8B-Instruct_4bit``      ``lmdeploy lite auto_awq`` → ``--model-format awq``
+other      used as a path (``~`` = the host user's home)
+=========  ===========================================  =====================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from llama3_ops import health, services
+from llama3_ops.connection import SSHError, SSHTarget
+from llama3_ops.ports import DEFAULT_PORT
+from llama3_ops.services import Arg, Remote, Secret, ServiceSpec, ServiceStatus
+
+MODELS: dict[str, str] = {
+    "base": "~/model/Meta-Llama-3-8B-Instruct",
+    "merged": "~/model/llama3_hf_merged",
+    "4bit": "~/model/Meta-Llama-3-8B-Instruct_4bit",
+}
+API_KEY_ENV = "LLAMA3_OPS_API_KEY"
+SERVICE_NAME = "llm"
+
+
+class ServeConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    engine: Literal["lmdeploy", "transformers"] = "lmdeploy"
+    model: str = "base"
+    port: int = DEFAULT_PORT
+    expose: bool = False  # bind 0.0.0.0 (needs api_key); default 127.0.0.1 + tunnel
+    api_key: str | None = None
+    env_bin_dir: str = "~/envs/lmdeploy/bin"  # venv or conda env bin dir holding the engine CLI
+    # lmdeploy
+    backend: Literal["turbomind", "pytorch"] = "turbomind"
+    tp: int = 1
+    cache_max_entry_count: float = 0.5
+    quant_policy: Literal[0, 4, 8] = 0
+    max_batch_size: int = 64
+    session_len: int = 8192
+    model_format: str | None = None  # None: awq for the 4bit model, hf otherwise
+    log_level: str | None = "ERROR"
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    name: str = SERVICE_NAME
+
+    @property
+    def bind(self) -> str:
+        return "0.0.0.0" if self.expose else "127.0.0.1"  # noqa: S104 - only with expose + api key
+
+    def validate(self) -> None:
+        if self.expose and not self.api_key:
+            raise ServeConfigError(
+                "expose=True binds 0.0.0.0 for everyone who can reach the host: it needs an API key "
+                "(--api-key); or keep the default 127.0.0.1 and use the SSH tunnel (fab client)."
+            )
+        if self.expose and self.engine == "transformers":
+            raise ServeConfigError(
+                "`transformers serve` has no API-key option, so it cannot be exposed on 0.0.0.0; "
+                "keep the default 127.0.0.1 bind and use the SSH tunnel."
+            )
+        if self.engine not in ("lmdeploy", "transformers"):
+            raise ServeConfigError(f"unknown engine {self.engine!r} (lmdeploy|transformers)")
+        if not 0 < self.port < 65536:
+            raise ServeConfigError(f"bad port {self.port}")
+        if self.quant_policy not in (0, 4, 8):
+            raise ServeConfigError("quant_policy must be 0, 4 or 8")
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise ServeConfigError("cache_max_entry_count must be in (0, 1]")
+
+
+def _expand(path: str, home: str) -> str:
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return home.rstrip("/") + path[1:]
+    return path
+
+
+def resolve_model(model: str, home: str) -> tuple[str, str | None]:
+    """``(absolute path on the host, model format or None)`` for a model choice."""
+    path = MODELS.get(model, model)
+    fmt = "awq" if model == "4bit" else None
+    return _expand(path, home), fmt
+
+
+def build_spec(cfg: ServeConfig, home: str) -> ServiceSpec:
+    """The :class:`ServiceSpec` for ``cfg``; the API key is an env secret, never a literal arg."""
+    cfg.validate()
+    model_path, fmt = resolve_model(cfg.model, home)
+    bin_dir = _expand(cfg.env_bin_dir, home).rstrip("/")
+    env = {"PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **cfg.env}
+    secrets: dict[str, str] = {}
+    argv: list[Arg]
+    if cfg.engine == "lmdeploy":
+        argv = [
+            f"{bin_dir}/lmdeploy",
+            "serve",
+            "api_server",
+            model_path,
+            "--server-name",
+            cfg.bind,
+            "--server-port",
+            str(cfg.port),
+            "--backend",
+            cfg.backend,
+            "--tp",
+            str(cfg.tp),
+            "--cache-max-entry-count",
+            str(cfg.cache_max_entry_count),
+            "--quant-policy",
+            str(cfg.quant_policy),
+            "--max-batch-size",
+            str(cfg.max_batch_size),
+            "--session-len",
+            str(cfg.session_len),
+        ]
+        model_format = cfg.model_format or fmt
+        if model_format:
+            argv += ["--model-format", model_format]
+        if cfg.api_key:
+            argv += ["--api-keys", Secret(API_KEY_ENV)]
+            secrets[API_KEY_ENV] = cfg.api_key
+        if cfg.log_level:
+            argv += ["--log-level", cfg.log_level]
+    else:
+        argv = [f"{bin_dir}/transformers", "serve", model_path, "--host", cfg.bind, "--port", str(cfg.port)]
+        if cfg.log_level:
+            argv += ["--log-level", cfg.log_level.lower()]
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    argv += list(cfg.extra_args)
+    return ServiceSpec(name=cfg.name, argv=tuple(argv), env=env, secrets=secrets, cwd="~", port=cfg.port)
+
+
+def display_command(cfg: ServeConfig, home: str = "~") -> str:
+    """The command line as printed (API key masked as ``***``)."""
+    return build_spec(cfg, home).display()
+
+
+@dataclass
+class ServeResult:
+    status: ServiceStatus
+    started_now: bool
+    ready: health.Ready | None
+    command: str
+
+
+def check_host(remote: Remote, spec: ServiceSpec, cfg: ServeConfig) -> None:
+    """Clear errors before starting: the model dir and the engine executable must exist."""
+    model_path = str(spec.argv[3] if cfg.engine == "lmdeploy" else spec.argv[2])
+    exe = str(spec.argv[0])
+    script = (
+        f"m={shlex.quote(model_path)}; e={shlex.quote(exe)}\n"
+        'if [ ! -d "$m" ]; then echo "model directory $m does not exist"; exit 3; fi\n'
+        'if [ ! -f "$m/config.json" ]; then\n'
+        '  echo "$m has no config.json: not a Hugging Face model dir"; exit 3\n'
+        "fi\n"
+        'if [ ! -x "$e" ]; then echo "$e not found or not executable (env_bin_dir)"; exit 4; fi\n'
+    )
+    res = remote.run(script, timeout=30, check=False)
+    if res.rc != 0:
+        hint = ""
+        if res.rc == 3 and cfg.model in MODELS:
+            hint = f" (model {cfg.model!r} = {MODELS[cfg.model]}; did the download/merge/quantize stage run?)"
+        elif res.rc == 4:
+            hint = " (set env_bin_dir to the venv/conda env that has the engine installed)"
+        raise ServeConfigError(f"on {remote.label}: {res.stdout.strip() or res.stderr.strip()}{hint}")
+
+
+def serve(
+    remote: Remote,
+    cfg: ServeConfig,
+    *,
+    restart: bool = False,
+    wait: bool = True,
+    timeout: float = 900.0,
+    console: Console | None = None,
+    mode: services.Mode = "auto",
+) -> ServeResult:
+    """Start (or reuse) the model server and wait until it answers a real 1-token completion.
+
+    On a failed start-up the service is stopped (no process, no listener left) and
+    :class:`health.NotReadyError` is raised with the last log lines.
+    """
+    console = console or Console(stderr=True)
+    home = services.remote_home(remote)
+    spec = build_spec(cfg, home)
+    check_host(remote, spec, cfg)
+    console.print(f"[bold]{cfg.name}[/] on {remote.label}: {spec.display()}")
+    st, started_now = services.start(remote, spec, restart=restart, mode=mode)
+    console.print(
+        f"{'started' if started_now else 'already running with the same settings, reused'}: "
+        f"pid {st.pid} ({st.mode}), log {st.log_path}"
+    )
+    ready = None
+    if wait:
+        probe = health.RemoteHttpProbe(remote, cfg.port, cfg.api_key)
+        try:
+            ready = health.wait_ready(
+                probe,
+                timeout=timeout,
+                alive=lambda: services.status(remote, cfg.name, log_lines=30),
+                console=console,
+                interval=1.0,
+            )
+        except BaseException:
+            if started_now:
+                try:
+                    services.stop(remote, cfg.name)
+                except services.ServiceError as stop_exc:
+                    console.print(f"[red]cleanup after failed start-up also failed:[/] {stop_exc}")
+            raise
+        console.print(
+            f"[green]ready[/] after {ready.seconds:.1f}s: model {ready.model_id!r} "
+            f"(health via {ready.health_path})"
+        )
+    return ServeResult(st, started_now, ready, spec.display())
+
+
+def stop(remote: Remote, name: str = SERVICE_NAME, timeout: float = 30.0) -> ServiceStatus:
+    return services.stop(remote, name, timeout=timeout)
+
+
+def with_overrides(cfg: ServeConfig, **kw: object) -> ServeConfig:
+    return replace(cfg, **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- status report
+
+
+@dataclass
+class StatusReport:
+    services: list[ServiceStatus]
+    health: dict[str, str]  # service name -> "healthy" / "unhealthy (...)" / "-"
+    tunnels: list[Any]  # tunnel.TunnelState
+
+
+def report_status(
+    remote: Remote | None,
+    *,
+    api_key: str | None = None,
+    tunnels_root: Path | None = None,
+    console: Console | None = None,
+    log_lines: int = 5,
+) -> StatusReport:
+    """Services on the host (state + health) and tunnels on this machine; prints rich tables."""
+    from llama3_ops import tunnel
+
+    sts = services.list_services(remote, log_lines=log_lines) if remote is not None else []
+    hl: dict[str, str] = {}
+    for st in sts:
+        if st.running and st.port:
+            ok, detail = health.check_once(health.RemoteHttpProbe(remote, st.port, api_key))  # type: ignore[arg-type]
+            hl[st.name] = "healthy" if ok else f"unhealthy ({detail[:60]})"
+        else:
+            hl[st.name] = "-"
+    tuns = tunnel.tunnel_status(tunnels_root)
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=f"services on {remote.label if remote else '-'}")
+        for col in ("name", "state", "health", "mode", "pid", "port", "exit", "command"):
+            table.add_column(col)
+        for st in sts:
+            color = {"running": "green", "dead": "red"}.get(st.state, "yellow")
+            table.add_row(
+                st.name,
+                f"[{color}]{st.state}[/]",
+                hl[st.name],
+                st.mode,
+                str(st.pid or ""),
+                str(st.port or ""),
+                st.exit_status or "",
+                st.command,
+            )
+        console.print(table)
+        for st in sts:
+            if not st.running and st.log_tail:
+                console.print(f"[red]{st.name}[/] last log lines:\n" + "\n".join(st.log_tail))
+        tunnel.print_tunnels(tuns, console)
+    return StatusReport(sts, hl, tuns)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def target_from_args(args: argparse.Namespace) -> SSHTarget:
+    if args.inventory:
+        return SSHTarget.from_inventory(args.inventory, args.host_name)
+    return SSHTarget(
+        host=args.host,
+        user=args.user,
+        port=args.ssh_port,
+        key_file=Path(args.key) if args.key else None,
+        known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+        name=args.host_name or "",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llama3_ops.serve [target options] up|status|logs|stop ...`` (exit 1 on failure)."""
+    p = argparse.ArgumentParser(prog="python -m llama3_ops.serve")
+    p.add_argument("--local", action="store_true", help="run on this machine, no SSH")
+    p.add_argument("--inventory")
+    p.add_argument("--host-name", default="")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--user", default="root")
+    p.add_argument("--ssh-port", type=int, default=22)
+    p.add_argument("--key")
+    p.add_argument("--known-hosts")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"])
+    up.add_argument("--model", default="base")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("--env-bin-dir", default="~/envs/lmdeploy/bin")
+    up.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
+    up.add_argument("--tp", type=int, default=1)
+    up.add_argument("--cache-max-entry-count", type=float, default=0.5)
+    up.add_argument("--expose", action="store_true")
+    up.add_argument("--api-key-env", default=API_KEY_ENV, help="read the API key from this env var")
+    up.add_argument("--restart", action="store_true")
+    up.add_argument("--timeout", type=float, default=900.0)
+    up.add_argument("--name", default=SERVICE_NAME)
+    for name in ("status", "stop", "logs"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--name", default=SERVICE_NAME)
+        if name == "logs":
+            sp.add_argument("-n", type=int, default=100)
+            sp.add_argument("-f", action="store_true")
+    args = p.parse_args(argv)
+    con = Console(stderr=True)
+    remote: Remote = services.LocalRemote() if args.local else services.SSHRemote(target_from_args(args))
+    try:
+        if args.cmd == "up":
+            cfg = ServeConfig(
+                engine=args.engine,
+                model=args.model,
+                port=args.port,
+                env_bin_dir=args.env_bin_dir,
+                backend=args.backend,
+                tp=args.tp,
+                cache_max_entry_count=args.cache_max_entry_count,
+                expose=args.expose,
+                api_key=os.environ.get(args.api_key_env) or None,
+                name=args.name,
+            )
+            serve(remote, cfg, restart=args.restart, timeout=args.timeout, console=con)
+        elif args.cmd == "status":
+            report_status(remote, console=con)
+        elif args.cmd == "stop":
+            st = stop(remote, args.name)
+            con.print(f"{args.name}: {st.state} (exit {st.exit_status})")
+        elif args.cmd == "logs":
+            if args.f:
+                return services.follow_logs(remote, args.name, args.n)
+            sys.stdout.write(services.logs(remote, args.name, args.n))
+    except (ServeConfigError, health.NotReadyError, services.ServiceError, SSHError, RuntimeError) as exc:
+        con.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

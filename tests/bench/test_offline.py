@@ -1,0 +1,108 @@
+"""lmdeploy offline mode: config construction and metric collection with a fake lmdeploy module."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from llama3_ops.bench.errors import BenchError
+from llama3_ops.bench.metrics import aggregate
+from llama3_ops.bench.offline import OfflineSettings, build_engine_config, build_gen_configs, run_offline
+from llama3_ops.bench.workload import Request
+
+HAVE_LMDEPLOY = importlib.util.find_spec("lmdeploy") is not None
+
+
+@dataclass
+class _Cfg:
+    kind: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _fake_lmdeploy(pipe: Any) -> SimpleNamespace:
+    made: list[tuple[str, Any]] = []
+
+    def pipeline(model: str, backend_config: Any) -> Any:
+        made.append((model, backend_config))
+        return pipe
+
+    return SimpleNamespace(
+        __version__="0.18.0-fake",
+        PytorchEngineConfig=lambda **kw: _Cfg("pytorch", kw),
+        TurbomindEngineConfig=lambda **kw: _Cfg("turbomind", kw),
+        GenerationConfig=lambda **kw: SimpleNamespace(**kw),
+        pipeline=pipeline,
+        made=made,
+    )
+
+
+def test_engine_configs_as_profile_throughput() -> None:
+    lm = _fake_lmdeploy(None)
+    pt = build_engine_config(OfflineSettings(max_batch_size=512, cache_max_entry_count=0.9, tp=2), lm)
+    assert pt.kind == "pytorch"
+    assert pt.kwargs == {"session_len": 4096, "max_batch_size": 512, "tp": 2, "cache_max_entry_count": 0.9}
+    tm = build_engine_config(OfflineSettings(backend="turbomind", max_batch_size=256, quant_policy=8), lm)
+    assert tm.kind == "turbomind"
+    assert tm.kwargs["quant_policy"] == 8 and tm.kwargs["max_batch_size"] == 256
+    with pytest.raises(BenchError):
+        build_engine_config(OfflineSettings(backend="vllm"), lm)
+    gens = build_gen_configs([Request("a", 4, 7), Request("b", 4, 9)], OfflineSettings(), lm)
+    assert [(g.max_new_tokens, g.ignore_eos, g.top_k) for g in gens] == [(7, True, 1), (9, True, 1)]
+
+
+class _StreamPipe:
+    """Yields cumulative token counts for each request, interleaved, like pipeline.stream_infer."""
+
+    def stream_infer(self, prompts: list[str], gen_config: list[Any]) -> Any:
+        remaining = {i: g.max_new_tokens for i, g in enumerate(gen_config)}
+        done = dict.fromkeys(remaining, 0)
+        while remaining:
+            for i in list(remaining):
+                done[i] += 1
+                fin = "length" if done[i] == gen_config[i].max_new_tokens else None
+                yield SimpleNamespace(index=i, generate_token_len=done[i], finish_reason=fin, text="x")
+                if fin:
+                    del remaining[i]
+
+
+class _BatchPipe:
+    def __call__(self, prompts: list[str], gen_config: list[Any]) -> list[Any]:
+        return [SimpleNamespace(generate_token_len=g.max_new_tokens) for g in gen_config]
+
+
+def test_run_offline_streaming_metrics() -> None:
+    reqs = [Request("p", 10, 3), Request("q", 20, 5)]
+    lm = _fake_lmdeploy(_StreamPipe())
+    results, wall, engine = run_offline("/models/llama3", reqs, OfflineSettings(max_batch_size=2), lm)
+    assert lm.made[0][0] == "/models/llama3"
+    assert engine["api"] == "pipeline.stream_infer" and engine["version"] == "0.18.0-fake"
+    assert [r.output_tokens for r in results] == [3, 5]
+    assert all(r.success and r.first_token is not None for r in results)
+    assert [len(r.itl) for r in results] == [2, 4]
+    m = aggregate(results, wall)
+    assert m["output_tokens"] == 8 and m["prompt_tokens"] == 30 and m["successful"] == 2
+
+
+def test_run_offline_batch_fallback() -> None:
+    reqs = [Request("p", 10, 3), Request("q", 20, 5)]
+    results, wall, engine = run_offline(
+        "m", reqs, OfflineSettings(stream=False), _fake_lmdeploy(_BatchPipe())
+    )
+    assert "batch" in engine["api"]
+    assert [r.output_tokens for r in results] == [3, 5]
+    assert aggregate(results, wall)["ttft_s"]["p50"] is None
+
+
+@pytest.mark.skipif(
+    not HAVE_LMDEPLOY, reason="lmdeploy is not installed (it needs CUDA; pip install lmdeploy)"
+)
+def test_real_lmdeploy_configs() -> None:
+    import lmdeploy
+
+    cfg = build_engine_config(OfflineSettings(max_batch_size=8, cache_max_entry_count=0.5), lmdeploy)
+    assert cfg.max_batch_size == 8
+    assert cfg.cache_max_entry_count == 0.5

@@ -1,0 +1,175 @@
+"""Online bench end to end: a real ``transformers serve`` on CPU, and the fixed-rate SSE stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llama3_ops.bench.cli import main
+from llama3_ops.bench.client import ClientConfig, run_load
+from llama3_ops.bench.metrics import aggregate
+from llama3_ops.bench.standin import free_port, standin_process, wait_http_ok
+from llama3_ops.bench.workload import Request
+
+pytestmark = pytest.mark.slow
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _stats(base: str) -> dict[str, int]:
+    with urllib.request.urlopen(base + "/stats", timeout=5) as r:
+        data: dict[str, int] = json.load(r)
+    return data
+
+
+def _reset(base: str) -> None:
+    req = urllib.request.Request(base + "/stats/reset", method="POST")
+    urllib.request.urlopen(req, timeout=5).close()
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[str]:
+    # 40 tokens/s per request, first token after 200 ms.
+    with standin_process(tokens_per_s=40.0, ttft_ms=200.0) as base:
+        yield base
+
+
+def test_standin_ttft_and_itl_measured_within_tolerance(standin: str) -> None:
+    cfg = ClientConfig(base_url=standin, model="standin", progress=False)
+    reqs = [Request("hello world", 2, 12)] * 4
+    lr = asyncio.run(run_load(reqs, 4, cfg))
+    m = aggregate(lr.results, lr.wall_s)
+    assert m["successful"] == 4
+    assert m["output_tokens"] == 48
+    assert m["ttft_s"]["p50"] == pytest.approx(0.200, abs=0.05)
+    assert m["itl_s"]["p50"] == pytest.approx(0.025, abs=0.005)
+    assert m["tpot_s"]["mean"] == pytest.approx(0.025, abs=0.005)
+    assert m["e2e_s"]["p50"] == pytest.approx(0.200 + 11 * 0.025, abs=0.08)
+
+
+@pytest.mark.parametrize(("limit", "expect"), [(0, 256), (100, 100)])
+def test_achieved_concurrency_reaches_256_only_without_the_connector_cap(
+    standin: str, limit: int, expect: int
+) -> None:
+    # Each request streams 40 tokens (~1.2 s), far longer than it takes to open 256 connections.
+    _reset(standin)
+    cfg = ClientConfig(base_url=standin, model="standin", progress=False, connector_limit=limit)
+    lr = asyncio.run(run_load([Request("hi", 1, 40)] * 256, 256, cfg))
+    m = aggregate(lr.results, lr.wall_s)
+    assert m["successful"] == 256
+    assert m["achieved_concurrency_max"] == expect  # measured client-side from headers-sent time
+    assert _stats(standin)["max_in_flight"] == expect  # and what the server saw
+
+
+def test_default_client_is_not_capped_at_100(standin: str) -> None:
+    assert ClientConfig(base_url=standin, model="x").connector_limit == 0
+
+
+@pytest.fixture(scope="module")
+def tserve(tiny_model: Path) -> Iterator[str]:
+    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    if not Path(exe).exists():
+        pytest.skip("transformers CLI not installed (pip install 'llama3-ops[model]')")
+    port = free_port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(tiny_model)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(base + "/health", 120.0, proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_online_bench_against_transformers_serve(tserve: str, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    rc = main(
+        [
+            "online",
+            "--base-url",
+            tserve,
+            "--model",
+            str(tiny_model),
+            "--concurrency",
+            "1,4",
+            "--num-prompts",
+            "8",
+            "--max-output-len",
+            "6",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--check",
+        ]
+    )
+    assert rc == 0
+    for c in (1, 4):
+        d = json.loads((out / f"online-c{c:04d}.json").read_text())
+        assert d["status"] == "complete"
+        m = d["metrics"]
+        assert (m["successful"], m["failed"]) == (8, 0)
+        assert d["concurrency"]["achieved_max"] == c
+        assert d["settings"]["max_output_len"] == 6
+        assert d["dataset"]["complete_records"] == 17_671 and d["dataset"]["sampled"] == 8
+        # transformers serve rejects ignore_eos; the probe notices and says so in the record.
+        assert "rejected ignore_eos" in d["settings"]["ignore_eos_note"]
+        assert 0 < m["output_tokens"] <= 8 * 6
+        assert m["output_tokens_source"] == ["usage"]
+        assert m["rps"] > 0 and m["ttft_s"]["p50"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["concurrency"]["requested"] for p in summary["points"]] == [1, 4]
+    assert "no comparable baseline" in summary["check"][0]["message"]
+    for png in ("throughput_vs_concurrency.png", "latency_cdf.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_chat_endpoint_against_transformers_serve(tserve: str, tiny_model: Path) -> None:
+    cfg = ClientConfig(
+        base_url=tserve, model=str(tiny_model), endpoint="chat", ignore_eos=False, progress=False
+    )
+    lr = asyncio.run(run_load([Request("Say hi", 3, 4)] * 2, 2, cfg))
+    m = aggregate(lr.results, lr.wall_s)
+    assert m["successful"] == 2 and m["output_tokens"] > 0
+
+
+AIPERF = os.environ.get("LLAMA3_OPS_AIPERF", "/tmp/aiperf-venv/bin/aiperf")
+
+
+@pytest.mark.skipif(not Path(AIPERF).exists(), reason=f"aiperf not installed at {AIPERF} (LLAMA3_OPS_AIPERF)")
+def test_crosscheck_with_aiperf(tiny_model: Path, tmp_path: Path) -> None:
+    from llama3_ops.bench.crosscheck import crosscheck
+
+    with standin_process(tokens_per_s=100.0) as base:
+        res = crosscheck(
+            base_url=base,
+            model="standin",
+            tokenizer_dir=tiny_model,
+            concurrency=8,
+            num_prompts=48,
+            input_len=64,
+            output_len=100,
+            aiperf=AIPERF,
+            out=tmp_path,
+        )
+    assert res["aiperf"]["requests"] == 48
+    assert res["rel_diff_rps"] is not None and res["rel_diff_rps"] <= 0.05, res
+    assert res["rel_diff_output_tok_s"] <= 0.05, res

@@ -1,0 +1,225 @@
+"""Result JSON schema and provenance, PNGs, baselines and the --check regression gate."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llama3_ops.bench import report
+from llama3_ops.bench.cli import main
+from llama3_ops.bench.metrics import RequestResult, aggregate
+from llama3_ops.bench.plots import latency_cdf_plot, throughput_plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _results(n: int, scale: float) -> list[RequestResult]:
+    out = []
+    for i in range(n):
+        s = i * 0.1
+        r = RequestResult(
+            index=i,
+            prompt_len=100,
+            requested_output_len=50,
+            start=s,
+            sent=s,
+            first_token=s + scale * (0.1 + i % 5 * 0.02),
+            end=s + scale * (1 + i % 7 * 0.1),
+            output_tokens=50,
+            output_tokens_source="usage",
+            success=True,
+        )
+        r.itl = [0.02] * 49
+        out.append(r)
+    return out
+
+
+def _run(
+    concurrency: int,
+    gpu: str = "none",
+    mode: str = "offline",
+    rps: float | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    res = _results(40, 1 + concurrency / 64)
+    m = aggregate(res)
+    if rps is not None:
+        m["rps"] = rps
+    prov = report.provenance()
+    prov["gpu"] = {"name": gpu, "count": 1 if gpu != "none" else 0, "driver": "x", "names": [gpu]}
+    return report.run_record(
+        mode=mode,
+        engine={"name": "lmdeploy", "version": "0.18", "backend": "pytorch"},
+        profile="test",
+        settings=settings
+        or {"backend": "pytorch", "max_batch_size": concurrency, "cache_max_entry_count": 0.8},
+        dataset={"kind": "synthetic", "sampled": 40, "seed": 0},
+        metrics=m,
+        concurrency=concurrency,
+        per_request=[r.to_compact() for r in res],
+        prov=prov,
+    )
+
+
+def test_provenance_fields() -> None:
+    p = report.provenance()
+    for key in ("host", "gpu", "torch_version", "bundle_commit", "timestamp", "python", "platform"):
+        assert key in p
+    assert set(p["gpu"]) >= {"name", "count", "driver"}
+    assert p["bundle_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", p["bundle_commit"])
+    assert p["torch_version"].startswith("2.")
+
+
+def test_run_record_schema_and_atomic_write(tmp_path: Path) -> None:
+    rec = _run(64)
+    assert rec["status"] == "running"
+    for key in (
+        "schema",
+        "mode",
+        "profile",
+        "provenance",
+        "engine",
+        "settings",
+        "settings_key",
+        "dataset",
+        "concurrency",
+        "metrics",
+        "per_request",
+    ):
+        assert key in rec
+    assert (
+        rec["settings_key"] == "mode=offline|engine=lmdeploy|backend=pytorch|concurrency=64|max_batch_size=64"
+        "|cache_max_entry_count=0.8"
+    )
+    assert rec["concurrency"]["requested"] == 64
+    path = report.write_json_atomic(tmp_path / "x.json", report.finalize(rec))
+    data = json.loads(path.read_text())
+    assert data["status"] == "complete"
+    assert data["schema"] == report.SCHEMA
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("NVIDIA A100-SXM4-80GB", "A100-80G"),
+        ("A100-80G", "A100-80G"),
+        ("NVIDIA A100 80GB PCIe", "A100-80G"),
+        ("NVIDIA A100-SXM4-40GB", "A100-40G"),
+        (H100, "H100-80G"),
+        ("NVIDIA H100 PCIe", "H100"),
+        ("none", "none"),
+    ],
+)
+def test_gpu_key(name: str, key: str) -> None:
+    assert report.gpu_key(name) == key
+
+
+def test_pngs_are_written(tmp_path: Path) -> None:
+    runs = [_run(c) for c in (1, 4, 16)]
+    for p in (throughput_plot(runs, tmp_path / "t.png"), latency_cdf_plot(runs, tmp_path / "l.png")):
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC
+        assert len(data) > 10_000
+
+
+def test_packaged_baselines() -> None:
+    b = {x["id"]: x for x in report.load_baselines()}
+    course = b["course-a100-lmdeploy0.4.1-turbomind-offline-c256"]
+    assert (course["rps"], course["output_tok_s"], course["total_tok_s"]) == (25.016, 5016.9, 10616.5)
+    assert course["gpu_key"] == report.gpu_key("NVIDIA A100-SXM4-80GB")
+    online = b["h100-lmdeploy0.18-pytorch-api_server-b512-cache0.9-c512"]
+    assert (online["rps"], online["output_tok_s"], online["ttft_p50_s"]) == (57.3, 11145, 0.79)
+    assert all(x["gpu_key"] == report.gpu_key(x["gpu"]) for x in b.values())
+
+
+def test_check_against_h100_baseline() -> None:
+    baselines = report.load_baselines()
+    ok = report.check_run(_run(256, H100, rps=44.0), baselines, margin=0.1)  # threshold 40.5
+    assert ok.passed and ok.baseline_id == "h100-lmdeploy0.18-pytorch-offline-b256-cache0.8"
+    bad = report.check_run(_run(256, H100, rps=40.0), baselines, margin=0.1)
+    assert not bad.passed and "REGRESSION" in bad.message
+    assert report.check_run(_run(256, H100, rps=40.0), baselines, margin=0.2).passed
+    # Other settings (cache 0.5): no comparable baseline -> not a failure, but said.
+    other = _run(
+        256,
+        H100,
+        rps=1.0,
+        settings={"backend": "pytorch", "max_batch_size": 256, "cache_max_entry_count": 0.5},
+    )
+    none = report.check_run(other, baselines, margin=0.1)
+    assert none.passed and none.baseline_id is None and "no comparable baseline" in none.message
+    # The course's A100 TurboMind figure.
+    a100 = _run(
+        256, "NVIDIA A100-SXM4-80GB", rps=20.0, settings={"backend": "turbomind", "max_batch_size": 256}
+    )
+    assert not report.check_run(a100, baselines, 0.1).passed
+
+
+def test_check_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = report.write_json_atomic(
+        tmp_path / "good.json",
+        report.finalize(
+            _run(
+                512,
+                H100,
+                rps=50.0,
+                settings={"backend": "pytorch", "max_batch_size": 512, "cache_max_entry_count": 0.9},
+            )
+        ),
+    )
+    bad = report.write_json_atomic(
+        tmp_path / "bad.json",
+        report.finalize(
+            _run(
+                512,
+                H100,
+                rps=30.0,
+                settings={"backend": "pytorch", "max_batch_size": 512, "cache_max_entry_count": 0.9},
+            )
+        ),
+    )
+    cpu = report.write_json_atomic(tmp_path / "cpu.json", report.finalize(_run(4)))
+    assert main(["check", str(good)]) == 0
+    assert main(["check", str(bad)]) == 1
+    assert main(["check", str(bad), "--margin", "0.5"]) == 0
+    assert main(["check", str(cpu)]) == 0
+    assert "no comparable baseline" in capsys.readouterr().out
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({**json.loads(good.read_text()), "status": "running"}))
+    assert main(["check", str(partial)]) == 2
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m"],
+        ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m", "--concurrency", "0"],
+        ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m", "--concurrency", "4,x"],
+        ["online", "--base-url", "127.0.0.1:{port}", "--model", "m"],
+        ["offline", "--model", "/nonexistent/model"],
+        ["offline", "--model", ".", "--dataset", "/nonexistent/sharegpt.json"],
+    ],
+)
+def test_bad_input_exit_2_without_traceback(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = _closed_port()
+    args = [a.format(port=port) for a in argv] + ["--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("*.json"))

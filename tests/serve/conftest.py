@@ -1,0 +1,197 @@
+"""Fixtures for the serve/tunnel tests: a real sshd on 127.0.0.1 with a throwaway user.
+
+``ssh_target`` yields an :class:`SSHHost`: the :class:`SSHTarget`, an ``SSHRemote`` for it, a way to
+run commands as root *on the host* (``root``), and where the engine and the tiny model live there.
+The fresh-host fixture (systemd-nspawn guests) can later provide the same object under the same name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llama3_ops.connection import SSHTarget
+from llama3_ops.ports import find_free_port
+from llama3_ops.services import SSHRemote
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@dataclass
+class SSHHost:
+    target: SSHTarget
+    remote: SSHRemote
+    root: Callable[[str], subprocess.CompletedProcess[str]]  # run a shell command as root on the host
+    home: str
+    env_bin_dir: str  # where `transformers` lives on the host
+    model_dir: str  # the tiny model on the host (= the "base" model path)
+    host_key_pub: str
+    sshd_pid: int
+    is_loopback: bool = True  # the host shares this machine's network stack
+
+
+def _root_local(cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.3)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"sshd did not listen on {port}")
+
+
+def _user_env(home: str, user: str) -> str:
+    """A venv the throwaway user can run: the test venv's interpreter lives under /root (0700 here),
+    so build one on /usr/bin/python3 (same minor version) that sees the test venv's site-packages."""
+    venv = Path(home) / "envs" / "serve"
+    site = next(Path(VENV_BIN).parent.glob("lib/python3.*/site-packages"))
+    py = f"/usr/bin/python{site.parent.name.removeprefix('python')}"
+    if not Path(py).exists():
+        pytest.skip(f"{py} needed for the throwaway user's venv")
+    subprocess.run([py, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    [user_site] = venv.glob("lib/python3.*/site-packages")
+    (user_site / "test-venv.pth").write_text(f"{site}\n")
+    exe = venv / "bin" / "transformers"
+    exe.write_text(
+        f"#!{venv}/bin/python\nimport sys\nfrom transformers.cli.transformers import main\nsys.exit(main())\n"
+    )
+    exe.chmod(0o755)
+    subprocess.run(["chown", "-R", f"{user}:{user}", str(venv.parent)], check=True)
+    return str(venv / "bin")
+
+
+def _kill_uid(uid: int) -> None:
+    for _ in range(3):
+        pids = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    if p.stat().st_uid == uid:
+                        pids.append(int(p.name))
+                except OSError:
+                    continue
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def sshd_host(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[SSHHost]:
+    if os.geteuid() != 0 or (not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists()):
+        pytest.skip("needs root and openssh-server")
+    d = tmp_path_factory.mktemp("sshd")
+    d.chmod(0o755)
+    user = "l3t" + uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "-m", "-p", "*", "-s", "/bin/sh", user], check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(user)
+        home = pw.pw_dir
+        for name in ("host_key", "client_key", "other_host_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+        # sshd reads authorized_keys as the user: keep it in the user's home
+        ssh_dir = Path(home) / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        auth = ssh_dir / "authorized_keys"
+        auth.write_text((d / "client_key.pub").read_text())
+        auth.chmod(0o600)
+        subprocess.run(["chown", "-R", f"{user}:{user}", str(ssh_dir)], check=True)
+        port = find_free_port(22200 + os.getpid() % 500)
+        config = d / "sshd_config"
+        config.write_text(
+            f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d / "host_key"}
+PidFile {d / "sshd.pid"}
+AuthorizedKeysFile .ssh/authorized_keys
+StrictModes yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+UsePAM no
+AllowUsers {user}
+AllowTcpForwarding yes
+MaxStartups 200:30:400
+MaxSessions 200
+ClientAliveInterval 0
+LogLevel ERROR
+"""
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log = (d / "sshd.log").open("w")
+        proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        _wait_port(port)
+        host_pub = (d / "host_key.pub").read_text().split()
+        known = d / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        # the tiny model where the course keeps the base model
+        model_dir = f"{home}/model/Meta-Llama-3-8B-Instruct"
+        shutil.copytree(tiny_model, model_dir)
+        env_bin = _user_env(home, user)
+        subprocess.run(["chown", "-R", f"{user}:{user}", f"{home}/model"], check=True)
+        target = SSHTarget(
+            host="127.0.0.1",
+            user=user,
+            port=port,
+            key_file=d / "client_key",
+            known_hosts=known,
+            name="loopback-sshd",
+        )
+        host = SSHHost(
+            target=target,
+            remote=SSHRemote(target),
+            root=_root_local,
+            home=home,
+            env_bin_dir=env_bin,
+            model_dir=model_dir,
+            host_key_pub=" ".join(host_pub[:2]),
+            sshd_pid=proc.pid,
+        )
+        yield host
+    finally:
+        if "proc" in locals():
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # every process left running as the throwaway user, by pid (servers, sshd session children)
+        if "pw" in locals():
+            _kill_uid(pw.pw_uid)
+        subprocess.run(["userdel", "-r", "-f", user], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def ssh_target(sshd_host: SSHHost) -> SSHHost:
+    """The host the serve/tunnel tests run against (loopback sshd here; fresh hosts later)."""
+    return sshd_host
+
+
+@pytest.fixture
+def state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Controller-side state (detached tunnels) in a temp dir instead of ~/.local/state."""
+    root = tmp_path / "state"
+    monkeypatch.setenv("LLAMA3_OPS_STATE_DIR", str(root))
+    return root

@@ -1,0 +1,228 @@
+"""Fast unit tests: command construction, secrets, fingerprints, ports, SSHTarget, inventory."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from llama3_ops import services
+from llama3_ops.connection import HostKeyMismatchError, SSHTarget, classify_ssh_failure
+from llama3_ops.ports import find_free_port, is_port_free, listening_pids
+from llama3_ops.serve import ServeConfig, ServeConfigError, build_spec, display_command, resolve_model
+from llama3_ops.services import LocalRemote, Secret, ServiceSpec
+
+HOME = "/home/u"
+
+
+def test_lmdeploy_command_defaults_to_loopback() -> None:
+    spec = build_spec(ServeConfig(), HOME)
+    argv = [str(a) for a in spec.argv]
+    assert argv[:4] == [
+        "/home/u/envs/lmdeploy/bin/lmdeploy",
+        "serve",
+        "api_server",
+        "/home/u/model/Meta-Llama-3-8B-Instruct",
+    ]
+    assert argv[argv.index("--server-name") + 1] == "127.0.0.1"
+    assert argv[argv.index("--server-port") + 1] == "23333"
+    for flag in (
+        "--backend",
+        "--tp",
+        "--cache-max-entry-count",
+        "--quant-policy",
+        "--max-batch-size",
+        "--session-len",
+    ):
+        assert flag in argv
+    assert "--api-keys" not in argv and "--model-format" not in argv
+    assert spec.port == 23333
+
+
+def test_4bit_model_gets_awq_and_paths_map() -> None:
+    argv = [str(a) for a in build_spec(ServeConfig(model="4bit"), HOME).argv]
+    assert argv[3] == "/home/u/model/Meta-Llama-3-8B-Instruct_4bit"
+    assert argv[argv.index("--model-format") + 1] == "awq"
+    assert resolve_model("merged", HOME) == ("/home/u/model/llama3_hf_merged", None)
+    assert resolve_model("~/x", HOME) == ("/home/u/x", None)
+    assert resolve_model("/abs/m", HOME) == ("/abs/m", None)
+
+
+def test_expose_requires_api_key() -> None:
+    with pytest.raises(ServeConfigError, match="needs an API key"):
+        build_spec(ServeConfig(expose=True), HOME)
+    with pytest.raises(ServeConfigError, match="no API-key option"):
+        build_spec(ServeConfig(engine="transformers", expose=True, api_key="k"), HOME)
+
+
+def test_api_key_is_masked_everywhere_and_kept_in_a_0600_env_file(tmp_path: Path) -> None:
+    key = "sk-very-secret-123"
+    cfg = ServeConfig(expose=True, api_key=key)
+    spec = build_spec(cfg, HOME)
+    argv = [str(a) for a in spec.argv]
+    assert argv[argv.index("--server-name") + 1] == "0.0.0.0"
+    assert argv[argv.index("--api-keys") + 1] == "***"
+    assert key not in spec.display() and "'***'" in spec.display()
+    assert key not in display_command(cfg)
+    assert key not in spec.launcher() and '"$LLAMA3_OPS_API_KEY"' in spec.launcher()
+    assert key in spec.env_file()
+    # start it for real (locally), with an argv that echoes the key: the env file is 0600 and the
+    # log shows the masked command line; the key only reaches the process at exec time
+    home = tmp_path / "home"
+    home.mkdir()
+    remote = LocalRemote(env={"HOME": str(home)})
+    echo = ServiceSpec(
+        name="masked",
+        argv=("sh", "-c", 'echo "got ${#1} chars"; sleep 30', "x", Secret("K")),
+        secrets={"K": key},
+    )
+    services.start(remote, echo)
+    try:
+        envf = home / ".local/state/llama3-ops/run/masked.env"
+        assert stat.S_IMODE(envf.stat().st_mode) == 0o600
+        deadline = time.monotonic() + 5
+        log = ""
+        while "got" not in log and time.monotonic() < deadline:
+            log = services.logs(remote, "masked")
+            time.sleep(0.05)
+        assert f"got {len(key)} chars" in log
+        assert key not in log and "***" in log
+        assert key not in (home / ".local/state/llama3-ops/run/masked.json").read_text()
+        assert key not in (home / ".local/state/llama3-ops/run/masked.sh").read_text()
+    finally:
+        services.stop(remote, "masked")
+
+
+def test_transformers_command() -> None:
+    spec = build_spec(ServeConfig(engine="transformers", port=24001, env_bin_dir="/opt/env/bin"), HOME)
+    assert [str(a) for a in spec.argv][:7] == [
+        "/opt/env/bin/transformers", "serve", "/home/u/model/Meta-Llama-3-8B-Instruct",
+        "--host", "127.0.0.1", "--port", "24001",
+    ]  # fmt: skip
+    assert spec.env["PATH"].startswith("/opt/env/bin:")
+
+
+def test_fingerprint_changes_with_settings_and_secret() -> None:
+    a = build_spec(ServeConfig(expose=True, api_key="k1"), HOME)
+    assert a.fingerprint() == build_spec(ServeConfig(expose=True, api_key="k1"), HOME).fingerprint()
+    assert a.fingerprint() != build_spec(ServeConfig(expose=True, api_key="k2"), HOME).fingerprint()
+    assert a.fingerprint() != build_spec(ServeConfig(expose=True, api_key="k1", tp=2), HOME).fingerprint()
+    assert "k1" not in a.fingerprint()
+
+
+def test_service_reuse_refuse_restart_and_stop(tmp_path: Path) -> None:
+    remote = LocalRemote(env={"HOME": str(tmp_path)})
+    port = find_free_port(26500)
+    spec = ServiceSpec(
+        name="web", argv=("python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)), port=port
+    )
+    st, new = services.start(remote, spec)
+    try:
+        assert new and st.running and st.mode == "setsid"
+        deadline = time.monotonic() + 10
+        while not services.status(remote, "web").listening and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st2, new2 = services.start(remote, spec)
+        assert not new2 and st2.pid == st.pid  # same fingerprint: reused
+        other = ServiceSpec(name="web", argv=("sleep", "60"), port=port)
+        with pytest.raises(services.FingerprintMismatchError, match="restart=True"):
+            services.start(remote, other)
+        st3, new3 = services.start(remote, other, restart=True)
+        assert new3 and st3.pid != st.pid and st3.fingerprint == other.fingerprint()
+        assert is_port_free(port)  # the old server's listener is gone
+        assert [s.name for s in services.list_services(remote)] == ["web"]
+    finally:
+        final = services.stop(remote, "web")
+    assert final.state == "dead" and final.exit_status == "stopped"
+    assert "=== llama3-ops stop" in final.log_tail[-1]
+
+
+def test_service_that_exits_reports_status_and_log(tmp_path: Path) -> None:
+    remote = LocalRemote(env={"HOME": str(tmp_path)})
+    spec = ServiceSpec(name="boom", argv=("sh", "-c", "echo about to fail; exit 3"))
+    services.start(remote, spec)
+    deadline = time.monotonic() + 5
+    st = services.status(remote, "boom")
+    while st.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        st = services.status(remote, "boom")
+    assert st.state == "dead" and st.exit_status == "3"
+    assert "about to fail" in st.log_tail
+    assert services.status(remote, "never-started").state == "absent"
+
+
+def test_bad_service_name_rejected() -> None:
+    with pytest.raises(ValueError, match="service name"):
+        ServiceSpec(name="a b; rm", argv=("true",))
+    with pytest.raises(ValueError, match="secret"):
+        ServiceSpec(name="x", argv=(Secret("NOPE"),))
+
+
+def test_free_port_selection() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        busy = s.getsockname()[1]
+        assert not is_port_free(busy)
+        nxt = find_free_port(busy)
+        assert nxt > busy and is_port_free(nxt)
+        assert listening_pids(busy)  # us
+    assert is_port_free(busy)
+
+
+def test_ssh_target_options() -> None:
+    t = SSHTarget(
+        host="10.0.0.5", user="root", port=2222, key_file=Path("/k"), known_hosts=Path("/kh"), jump="b@j"
+    )
+    argv = t.ssh_argv("true")
+    joined = " ".join(argv)
+    assert "StrictHostKeyChecking=yes" in joined and "BatchMode=yes" in joined
+    assert "UserKnownHostsFile=/kh" in joined and "GlobalKnownHostsFile=/dev/null" in joined
+    assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-i") + 1] == "/k"
+    assert argv[argv.index("-J") + 1] == "b@j"
+    assert argv[-2:] == ["root@10.0.0.5", "true"]
+    assert SSHTarget.from_dict(t.to_dict()) == t
+    err = classify_ssh_failure(
+        t, "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nHost key verification failed."
+    )
+    assert isinstance(err, HostKeyMismatchError)
+    assert "host key for [10.0.0.5]:2222 does not match known_hosts /kh" in str(err)
+
+
+@pytest.mark.skipif(shutil.which("ansible-inventory") is None, reason="ansible-core not installed")
+def test_target_from_real_ansible_inventory(tmp_path: Path) -> None:
+    inv = tmp_path / "hosts.yml"
+    (tmp_path / "keys").mkdir()
+    inv.write_text(
+        """all:
+  children:
+    gpu:
+      hosts:
+        course-gpu:
+          ansible_host: 203.0.113.7
+          ansible_port: 40022
+          ansible_user: root
+          ansible_ssh_private_key_file: keys/id_ed25519
+          ansible_ssh_common_args: >-
+            -o UserKnownHostsFile=keys/known_hosts -o ProxyJump=jump@bastion:22
+            -o StrictHostKeyChecking=no -o ServerAliveInterval=15
+        other:
+          ansible_host: 198.51.100.1
+"""
+    )
+    t = SSHTarget.from_inventory(inv, "course-gpu")
+    assert (t.host, t.user, t.port, t.name) == ("203.0.113.7", "root", 40022, "course-gpu")
+    assert t.key_file == tmp_path / "keys/id_ed25519"
+    assert t.known_hosts == tmp_path / "keys/known_hosts"
+    assert t.jump == "jump@bastion:22"
+    assert t.extra_options == ("ServerAliveInterval=15",)
+    assert "StrictHostKeyChecking=yes" in t.ssh_options()  # the inventory's "no" is ignored
+    assert "StrictHostKeyChecking=no" not in " ".join(t.ssh_options())
+    o = SSHTarget.from_inventory(inv, "other")
+    assert o.host == "198.51.100.1" and o.port == 22
+    with pytest.raises(KeyError, match=r"not in inventory.*course-gpu"):
+        SSHTarget.from_inventory(inv, "nope")
