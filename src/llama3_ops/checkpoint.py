@@ -149,6 +149,8 @@ def make_checkpoint(out: Path, shape_name: str = "tiny", device: str = "cpu", se
     # save_pretrained writes the config through transformers; restore the exact upstream keys.
     (out / "config.json").write_text(json.dumps(llama3_config(shape), indent=2))
     write_tokenizer(out)
+    for f in out.iterdir():  # safetensors writes 0600; a shared model dir must be readable by all
+        f.chmod(0o644)
     return out
 
 

@@ -39,8 +39,11 @@ ROOTFS_PACKAGES = (
 )
 # Bump when the rootfs recipe changes, so a cached rootfs is rebuilt.
 ROOTFS_RECIPE = "3"
+# Controller tools: the lab itself, plus what the tests and the demo use (git-lfs fixtures, a
+# loopback sshd, tmux).
 HOST_TOOLS = {"mmdebstrap": "mmdebstrap", "systemd-nspawn": "systemd-container", "iptables": "iptables",
-              "ssh": "openssh-client", "ip": "iproute2"}
+              "ssh": "openssh-client", "ip": "iproute2", "git-lfs": "git-lfs", "sshd": "openssh-server",
+              "tmux": "tmux"}
 
 
 class FreshHostError(RuntimeError):
@@ -98,7 +101,8 @@ class FreshHostLab:
     def ensure_host_tools() -> None:
         if os.geteuid() != 0:
             raise FreshHostError("fresh hosts need root (network namespaces, overlays, systemd-nspawn)")
-        missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+        path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+        missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool, path=path) is None})
         if missing:
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             _run(["apt-get", "update", "-qq"], env=env)
@@ -386,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=os.environ.get("LLAMA3_FRESH_HOSTS", ".fresh-hosts"))
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("deps", help="apt-get install the controller tools the lab needs (root)")
     b = sub.add_parser("build")
     b.add_argument("--force", action="store_true")
     for cmd in ("up", "down", "ssh"):
@@ -397,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lab = FreshHostLab(args.base)
     try:
-        if args.cmd == "build":
+        if args.cmd == "deps":
+            lab.ensure_host_tools()
+        elif args.cmd == "build":
             t0 = time.monotonic()
             print(f"rootfs {lab.build(args.force)} ready in {time.monotonic() - t0:.1f}s")
         elif args.cmd == "up":

@@ -61,6 +61,7 @@ def run_playbook(
     extra_vars: dict[str, object] | None = None,
     tags: list[str] | None = None,
     check: bool = False,
+    limit: str | None = None,
     log: Path | None = None,
     echo: bool = False,
     timeout: float = 1800,
@@ -75,6 +76,8 @@ def run_playbook(
         argv += ["--tags", ",".join(tags)]
     if check:
         argv += ["--check", "--diff"]
+    if limit:
+        argv += ["--limit", limit]
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
            "ANSIBLE_NOCOLOR": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()

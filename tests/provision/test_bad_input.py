@@ -69,14 +69,31 @@ def test_corrupt_shard_fails_without_stamp_and_a_good_source_repairs(provisioned
     provisioned.sh(f"rm -rf {NEW_DIR} {NEW_STAMP}")
 
 
-def test_damaged_lfs_checkout_is_detected_then_repaired(provisioned: Provisioned) -> None:
-    """A shard damaged on disk after install: re-verification fails, the next run re-downloads it."""
+def test_damaged_lfs_checkout_is_repaired_in_place(provisioned: Provisioned) -> None:
+    """A shard damaged in the working tree (stamp gone): the next run restores it from git-lfs."""
     shard = "/home/student/model/Meta-Llama-3-8B-Instruct/model-00002-of-00003.safetensors"
     stamp = "/home/student/model/.Meta-Llama-3-8B-Instruct.llama3-ops.json"
     good = provisioned.sh(f"sha256sum {shard}").split()[0]
     provisioned.sh(f"printf 'XXXX' | dd of={shard} bs=1 seek=9000 conv=notrunc status=none && rm {stamp}")
+    run = provisioned.play("lfs-worktree", tags=["model"])
+    assert run.rc == 0, run.tail(40)
+    assert provisioned.sh(f"sha256sum {shard}").split()[0] == good
+    assert provisioned.exists(stamp)
+
+
+def test_corrupt_lfs_object_fails_without_stamp_then_repairs(provisioned: Provisioned) -> None:
+    """The cached LFS object itself is bad: verification fails, removes it, and the next run re-fetches."""
+    repo = "/home/student/model/Meta-Llama-3-8B-Instruct"
+    shard = f"{repo}/model-00002-of-00003.safetensors"
+    stamp = "/home/student/model/.Meta-Llama-3-8B-Instruct.llama3-ops.json"
+    good = provisioned.sh(f"sha256sum {shard}").split()[0]
+    obj = f"{repo}/.git/lfs/objects/{good[:2]}/{good[2:4]}/{good}"
+    provisioned.sh(f"for f in {obj} {shard}; do printf 'XXXX' | dd of=$f bs=1 seek=9000 conv=notrunc status=none;"
+                   f" done; rm {stamp}")
     bad = provisioned.play("lfs-damaged", tags=["model"])
-    assert bad.rc != 0 and "sha256" in bad.output
+    assert bad.rc != 0, bad.tail(40)
+    assert "failed verification and is NOT marked complete" in " ".join(bad.output.split())
+    assert "model-00002-of-00003.safetensors: sha256" in bad.output
     assert not provisioned.exists(stamp)
     fixed = provisioned.play("lfs-repair", tags=["model"])
     assert fixed.rc == 0, fixed.tail(40)

@@ -97,9 +97,17 @@ def weight_files(d: str, problems: dict[str, list[str]]) -> list[str]:
 
 
 def verify(args: argparse.Namespace) -> int:
-    d = args.dir
     problems: dict[str, list[str]] = {"missing": [], "size_mismatch": [], "sha_mismatch": [],
-                                      "not_downloaded": [], "bad_index": []}
+                                      "not_downloaded": [], "bad_index": [], "unreadable": []}
+    try:
+        return _verify(args, problems)
+    except PermissionError as exc:
+        problems["unreadable"].append(f"{exc.filename}: permission denied for this user")
+        return report(args, problems, [], 0)
+
+
+def _verify(args: argparse.Namespace, problems: dict[str, list[str]]) -> int:
+    d = args.dir
     if not os.path.isdir(d):
         problems["missing"].append(d)
         return report(args, problems, [], 0)

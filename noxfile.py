@@ -1,0 +1,91 @@
+"""nox sessions: lint, tests, the local demo, and the benchmarks (each writes JSON).
+
+    nox -s demo        the whole chain on CPU against a throwaway local host
+    nox -s tests       every test (fresh hosts, real sshd, real git-lfs, real servers)
+    nox -s lint        ruff, mypy, ansible-lint (production profile)
+    nox -s bench_provision / bench / bench_tunnel    benchmarks -> results/*.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+PYTHON = "3.11"
+# The CPU build of torch. On machines of this kind pip finds it in PIP_FIND_LINKS; PyPI's torch
+# is the multi-GB CUDA build, so never ask for plain "torch".
+TORCH_CPU = "torch==2.13.0"
+
+
+def _install(session: nox.Session, extras: str = "data,model,dev") -> None:
+    session.install(TORCH_CPU)
+    session.install("-e", f".[{extras}]")
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff, mypy (strict) and ansible-lint's production profile."""
+    _install(session)
+    session.run("ruff", "check", "src", "tests", "noxfile.py", "fabfile.py")
+    session.run("mypy")
+    session.run("ansible-lint", "--profile", "production", "--offline")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """All tests. Fresh hosts need root: they boot Debian guests with systemd-nspawn."""
+    _install(session)
+    session.run("python", "-m", "llama3_ops.freshhost", "deps")
+    session.run("pytest", *(session.posargs or ["-q", "-rs", "--durations=15"]))
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Build a throwaway local host, provision it with the cpu profile, serve, ask, benchmark."""
+    _install(session)
+    session.run("python", "-m", "llama3_ops.demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench_provision(session: nox.Session) -> None:
+    """Cold and warm provisioning time of the cpu profile on a fresh host -> results/cpu/."""
+    _install(session)
+    out = ROOT / "results" / "cpu" / f"provision-{_stamp()}.json"
+    session.run("python", "-m", "llama3_ops.provision_bench", "--out", str(out), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The course's throughput benchmark: `nox -s bench -- online --base-url URL --model ID ...`."""
+    _install(session)
+    args = session.posargs or ["--help"]
+    session.run("python", "-m", "llama3_ops.bench", *args)
+
+
+@nox.session(python=PYTHON)
+def bench_tunnel(session: nox.Session) -> None:
+    """Requests/s and tokens/s through the tunnel vs direct, at concurrency 64 and 256."""
+    _install(session)
+    out = ROOT / "results" / "cpu" / f"tunnel-{_stamp()}.json"
+    session.run("python", "-m", "llama3_ops.tunnel_bench", "--json", str(out), *session.posargs)
+
+
+@nox.session(python=False)
+def env_check(session: nox.Session) -> None:
+    """Print what the fresh-host lab needs and whether it is here."""
+    session.run("python3", "-c", "import os; print('root:', os.geteuid() == 0)")
+    for tool in ("mmdebstrap", "systemd-nspawn", "iptables", "git-lfs", "sshd"):
+        found = any((Path(p) / tool).exists() for p in [*os.environ.get("PATH", "").split(":"), "/usr/sbin"])
+        session.log(f"{tool}: {'ok' if found else 'missing'}")
