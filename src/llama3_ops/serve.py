@@ -337,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
     up.add_argument("--tp", type=int, default=1)
     up.add_argument("--cache-max-entry-count", type=float, default=0.5)
+    up.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8])
+    up.add_argument("--max-batch-size", type=int, default=64)
+    up.add_argument("--session-len", type=int, default=8192)
+    up.add_argument("--log-level", default="ERROR")
+    up.add_argument("--extra-arg", action="append", default=[],
+                    help="another engine flag, passed through (repeat; e.g. --extra-arg=--max-prefill-token-num)")
+    up.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server environment")
     up.add_argument("--expose", action="store_true")
     up.add_argument("--api-key-env", default=API_KEY_ENV, help="read the API key from this env var")
     up.add_argument("--restart", action="store_true")
@@ -361,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                 backend=args.backend,
                 tp=args.tp,
                 cache_max_entry_count=args.cache_max_entry_count,
+                quant_policy=args.quant_policy,
+                max_batch_size=args.max_batch_size,
+                session_len=args.session_len,
+                log_level=args.log_level or None,
+                extra_args=tuple(args.extra_arg),
+                env=dict(e.split("=", 1) for e in args.env),
                 expose=args.expose,
                 api_key=os.environ.get(args.api_key_env) or None,
                 name=args.name,

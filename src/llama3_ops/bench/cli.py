@@ -126,12 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine max batch size (= concurrency, as profile_throughput); default: --concurrency",
     )
     off.add_argument("--cache-max-entry-count", type=float, default=0.8)
+    off.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another engine-config field (JSON value), e.g. max_prefill_token_num=8192",
+    )
     off.add_argument("--tp", type=int, default=1)
     off.add_argument("--session-len", type=int, default=4096)
     off.add_argument("--quant-policy", type=int, default=0)
     off.add_argument("--top-k", type=int, default=1)
     off.add_argument("--no-stream", action="store_true", help="batch call: RPS/tok/s only")
     _common(off)
+
+    wl = sub.add_parser("workload", help="sample a workload once and save it (for hosts without the dataset)")
+    wl.add_argument("--dataset", default="sharegpt")
+    wl.add_argument("--num-prompts", type=int, default=2000)
+    wl.add_argument("--seed", type=int, default=0)
+    wl.add_argument("--tokenizer", default=None)
+    wl.add_argument("--max-output-len", type=int, default=None)
+    wl.add_argument("--out", required=True)
 
     ck = sub.add_parser("check", help="compare result JSONs with the baselines; exit 1 on regression")
     ck.add_argument("results", nargs="+")
@@ -274,6 +289,17 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
     return _finish(runs, out, args, console)
 
 
+def _json_values(items: dict[str, Any]) -> dict[str, Any]:
+    """``"8192"`` -> 8192, ``"false"`` -> False; anything that is not JSON stays a string."""
+    out: dict[str, Any] = {}
+    for k, v in items.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
 def cmd_offline(args: argparse.Namespace, console: Console) -> int:
     from llama3_ops.bench.offline import OfflineSettings, run_offline
 
@@ -298,6 +324,7 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
             quant_policy=args.quant_policy,
             top_k=args.top_k,
             stream=not args.no_stream,
+            engine_options=_json_values(parse_settings(args.engine_option)),
         )
         results, wall, engine = run_offline(args.model, wl.requests, st)
         m = aggregate(results, wall)
@@ -365,6 +392,20 @@ def cmd_crosscheck(args: argparse.Namespace, console: Console) -> int:
     return 0 if res.get("within_tolerance") else 1
 
 
+def cmd_workload(args: argparse.Namespace, console: Console) -> int:
+    from llama3_ops.bench.workload import save_workload
+
+    wl = build_workload(args.dataset, args.num_prompts, args.seed,
+                        Path(args.tokenizer) if args.tokenizer else None, args.max_output_len)
+    path = save_workload(wl, Path(args.out))
+    mean_in = sum(r.prompt_len for r in wl.requests) / len(wl.requests)
+    mean_out = sum(r.output_len for r in wl.requests) / len(wl.requests)
+    console.print(f"saved {len(wl.requests)} requests to {path} (mean prompt {mean_in:.0f}, "
+                  f"mean output {mean_out:.0f} tokens; {wl.info.complete_records} complete records in the "
+                  f"source, cut at byte {wl.info.cut_offset})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Wide enough for the results table when the output goes to a log file rather than a terminal.
@@ -374,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "online": cmd_online,
         "offline": cmd_offline,
         "check": cmd_check,
+        "workload": cmd_workload,
         "crosscheck": cmd_crosscheck,
     }
     try:

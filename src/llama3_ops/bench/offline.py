@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llama3_ops.bench.errors import BenchError
@@ -41,6 +41,8 @@ class OfflineSettings:
     top_p: float = 1.0
     top_k: int = 1
     stream: bool = True
+    # Further engine-config fields, passed through as given (e.g. max_prefill_token_num=8192).
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,12 +65,18 @@ def build_engine_config(settings: OfflineSettings, lmdeploy_module: Any) -> Any:
         "cache_max_entry_count": settings.cache_max_entry_count,
     }
     if settings.backend == "turbomind":
-        return lmdeploy_module.TurbomindEngineConfig(**common, quant_policy=settings.quant_policy)
+        return lmdeploy_module.TurbomindEngineConfig(**common, quant_policy=settings.quant_policy,
+                                                     **settings.engine_options)
     if settings.backend == "pytorch":
         kw: dict[str, Any] = dict(common)
         if settings.quant_policy:
             kw["quant_policy"] = settings.quant_policy
-        return lmdeploy_module.PytorchEngineConfig(**kw)
+        kw.update(settings.engine_options)
+        try:
+            return lmdeploy_module.PytorchEngineConfig(**kw)
+        except TypeError as exc:
+            opts = settings.engine_options
+            raise BenchError(f"PytorchEngineConfig rejected the engine options {opts}: {exc}") from exc
     raise BenchError(f"unknown backend {settings.backend!r} (pytorch or turbomind)")
 
 
@@ -107,8 +115,37 @@ def run_offline(
         raise BenchError("max batch size (concurrency) must be > 0")
     lm = lmdeploy_module if lmdeploy_module is not None else import_lmdeploy()
     backend_config = build_engine_config(settings, lm)
+    own_pipe = pipe is None
     if pipe is None:
         pipe = lm.pipeline(model, backend_config=backend_config)
+    try:
+        return _drive(pipe, requests, settings, lm, backend_config)
+    finally:
+        if own_pipe:
+            close_pipeline(pipe)
+
+
+def close_pipeline(pipe: Any) -> None:
+    """Free the engine (processes, GPU memory) so that the next sweep point can start its own."""
+    close = getattr(pipe, "close", None)
+    if callable(close):
+        close()
+    del pipe
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _drive(
+    pipe: Any, requests: Sequence[Request], settings: OfflineSettings, lm: Any, backend_config: Any
+) -> tuple[list[RequestResult], float, dict[str, Any]]:
     gen = build_gen_configs(requests, settings, lm)
     prompts = [r.prompt for r in requests]
     results = [

@@ -441,7 +441,10 @@ def build_workload(
     tokenizer_path: Path | None = None,
     max_output_len: int | None = None,
 ) -> Workload:
-    """``sharegpt`` (packaged file), ``synthetic:IN:OUT``, or a path to a ShareGPT JSON file."""
+    """``sharegpt`` (packaged file), ``synthetic:IN:OUT``, ``workload:FILE`` (saved by
+    :func:`save_workload`), or a path to a ShareGPT JSON file."""
+    if spec.startswith("workload:"):
+        return load_workload(Path(spec.split(":", 1)[1]), num_requests)
     if spec == "sharegpt":
         return sharegpt_workload(None, num_requests, seed, tokenizer_path, max_output_len)
     if spec.startswith("synthetic:"):
@@ -465,3 +468,31 @@ def build_workload(
             f"dataset not found: {spec!r} (use 'sharegpt', 'synthetic:IN:OUT' or a JSON file path)"
         )
     return sharegpt_workload(path, num_requests, seed, tokenizer_path, max_output_len)
+
+
+def save_workload(workload: Workload, path: Path) -> Path:
+    """Write a sampled workload (requests and provenance) to JSON, so that a host without the
+    dataset package (the GPU machine) runs exactly the same requests."""
+    data = {"format": "llama3-ops-workload/1", "info": workload.info.to_dict(),
+            "requests": [asdict(r) for r in workload.requests]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def load_workload(path: Path, num_requests: int | None = None) -> Workload:
+    """Read a workload saved by :func:`save_workload`; the first ``num_requests`` of it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read workload file {path}: {exc}") from exc
+    if data.get("format") != "llama3-ops-workload/1":
+        raise BenchError(f"{path} is not a saved llama3-ops workload (see `bench workload --help`)")
+    requests = [Request(**r) for r in data["requests"]]
+    if num_requests is not None:
+        if num_requests > len(requests):
+            raise BenchError(f"{path} holds {len(requests)} requests, {num_requests} asked for")
+        requests = requests[:num_requests]
+    info = DatasetInfo(**data["info"])
+    info.sampled = len(requests)
+    return Workload(requests, info)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs the project's own GPU code paths on the lent H100 (the `device` tool): run from the repo
+# root there, with the wheelhouse carried as .whl (see ../shared/device/README.md) and $OUT set.
+#
+#   scripts/gpu/device-run.sh setup            install wheels, make the 8B-shaped checkpoint
+#   scripts/gpu/device-run.sh offline NAME ARGS...   one offline bench point (lmdeploy pipeline)
+#   scripts/gpu/device-run.sh serve NAME ARGS...     fab serve's code path (local connection) + online bench
+#   scripts/gpu/device-run.sh pack             tar the work dir into $OUT/results.tgz
+set -euo pipefail
+WORK=${WORK:-.gpu-work}
+MODEL=$WORK/Meta-Llama-3-8B-Instruct
+WORKLOAD=${WORKLOAD:-gpu/sharegpt-2000-seed0.json}
+mkdir -p "$WORK/results"
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+log() { echo "[$(date +%T)] $*"; }
+
+case ${1:?phase} in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$WORK/results/gpu.txt"
+    python3 -c "import torch, transformers, lmdeploy; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/results/gpu.txt"
+    (command -v sshd || ls /usr/sbin/sshd || echo "no sshd") 2>&1 | tee -a "$WORK/results/gpu.txt"
+    if [ ! -f "$MODEL/config.json" ]; then
+      log "making the Llama-3-8B-shaped checkpoint (real config and tokenizer, random bf16 weights)"
+      python3 -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda
+    fi
+    du -sh "$MODEL" ;;
+  offline)
+    name=$2; shift 2
+    log "offline $name: $*"
+    python3 -m llama3_ops.bench offline --model "$MODEL" --backend pytorch --dataset "workload:$WORKLOAD" \
+      --num-prompts 2000 --profile current --no-progress --out "$WORK/results/offline-$name" "$@" \
+      2>&1 | tee "$WORK/results/offline-$name.log" | grep -vE "^\s*$" | tail -25 ;;
+  serve)
+    name=$2; shift 2
+    log "serve $name: $*"
+    python3 -m llama3_ops.serve --local up --engine lmdeploy --backend pytorch --model "$PWD/$MODEL" \
+      --env-bin-dir /tmp/site/bin --env "PYTHONPATH=$PYTHONPATH" "$@" 2>&1 | tee "$WORK/results/serve-$name.log" | tail -5
+    model_id=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
+    for c in ${CONCURRENCY:-256 512}; do
+      python3 -m llama3_ops.bench online --base-url http://127.0.0.1:23333 --model "$model_id" \
+        --dataset "workload:$WORKLOAD" --num-prompts 2000 --concurrency "$c" --profile current --no-progress \
+        --engine lmdeploy --backend pytorch --engine-version 0.18.0 --out "$WORK/results/online-$name-c$c" \
+        $SETTINGS 2>&1 | tee "$WORK/results/online-$name-c$c.log" | grep -vE "^\s*$" | tail -20
+    done
+    cp "$HOME/.local/state/llama3-ops/logs/llm.log" "$WORK/results/server-$name.log" 2>/dev/null || true
+    python3 -m llama3_ops.serve --local stop 2>&1 | tail -2 ;;
+  pack)
+    tar czf "$OUT/results.tgz" -C "$WORK" results
+    ls -la "$OUT" ;;
+esac
