@@ -308,7 +308,9 @@ st_one() {
   echo "listening=$lis"
   echo "log=$L/$N.log"
   echo "@@LOG"
-  [ "$2" -gt 0 ] && tail -n "$2" "$L/$N.log" 2>/dev/null
+  # awk 1 ends the last line: a log ending in a progress bar has no final newline, which would
+  # glue @@END onto it.
+  [ "$2" -gt 0 ] && tail -n "$2" "$L/$N.log" 2>/dev/null | awk 1
   echo "@@END"
 }
 """

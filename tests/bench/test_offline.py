@@ -57,7 +57,8 @@ def test_engine_configs_as_profile_throughput() -> None:
 class _StreamPipe:
     """Yields cumulative token counts for each request, interleaved, like pipeline.stream_infer."""
 
-    def stream_infer(self, prompts: list[str], gen_config: list[Any]) -> Any:
+    def stream_infer(self, prompts: list[str], gen_config: list[Any], do_preprocess: bool = True) -> Any:
+        assert do_preprocess is False, "raw prompts, as profile_throughput feeds the engine"
         remaining = {i: g.max_new_tokens for i, g in enumerate(gen_config)}
         done = dict.fromkeys(remaining, 0)
         while remaining:
@@ -70,7 +71,8 @@ class _StreamPipe:
 
 
 class _BatchPipe:
-    def __call__(self, prompts: list[str], gen_config: list[Any]) -> list[Any]:
+    def __call__(self, prompts: list[str], gen_config: list[Any], do_preprocess: bool = True) -> list[Any]:
+        assert do_preprocess is False
         return [SimpleNamespace(generate_token_len=g.max_new_tokens) for g in gen_config]
 
 

@@ -226,3 +226,20 @@ def test_target_from_real_ansible_inventory(tmp_path: Path) -> None:
     assert o.host == "198.51.100.1" and o.port == 22
     with pytest.raises(KeyError, match=r"not in inventory.*course-gpu"):
         SSHTarget.from_inventory(inv, "nope")
+
+
+def test_status_survives_a_log_without_final_newline(tmp_path: Path) -> None:
+    """lmdeploy's log ends in a progress bar (no newline): status must still parse."""
+    from llama3_ops import services as svc
+
+    run_dir = tmp_path / ".local/state/llama3-ops/run"
+    log_dir = tmp_path / ".local/state/llama3-ops/logs"
+    run_dir.mkdir(parents=True)
+    log_dir.mkdir(parents=True)
+    (run_dir / "llm.fp").write_text("abc\n")
+    (run_dir / "llm.mode").write_text("setsid\n")
+    (run_dir / "llm.pid").write_text("999999\n")
+    (log_dir / "llm.log").write_text("loading\rWarming up decoding: 100%|##########| 10/10")
+    st = svc.status(svc.LocalRemote(env={"HOME": str(tmp_path)}), "llm", log_lines=5)
+    assert st.state == "dead"
+    assert st.log_tail[-1].endswith("10/10")

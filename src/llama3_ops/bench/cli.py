@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     on.add_argument("--temperature", type=float, default=0.0)
     on.add_argument("--top-p", type=float, default=1.0)
+    on.add_argument("--top-k", type=int, default=None, help="sent as top_k (lmdeploy: 1 = greedy argmax)")
     on.add_argument(
         "--ignore-eos",
         choices=("auto", "on", "off"),
@@ -238,6 +239,7 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
         api_key=os.environ.get(args.api_key_env) or None,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         ignore_eos=args.ignore_eos != "off",
         request_timeout_s=args.request_timeout,
         total_timeout_s=args.timeout,

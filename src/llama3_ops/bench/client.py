@@ -40,6 +40,7 @@ class ClientConfig:
     api_key: str | None = None
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int | None = None  # lmdeploy: top_k=1 takes the argmax shortcut instead of a top-p sort
     ignore_eos: bool = True
     request_timeout_s: float = 600.0
     total_timeout_s: float = 3600.0
@@ -66,6 +67,7 @@ class ClientConfig:
             "api_key": "set" if self.api_key else "none",
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
             "ignore_eos": self.ignore_eos,
             "request_timeout_s": self.request_timeout_s,
             "total_timeout_s": self.total_timeout_s,
@@ -89,6 +91,8 @@ def build_payload(cfg: ClientConfig, req: Request) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if cfg.top_k is not None:
+        body["top_k"] = cfg.top_k
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     if cfg.endpoint == "chat":

@@ -41,6 +41,7 @@ class OfflineSettings:
     top_p: float = 1.0
     top_k: int = 1
     stream: bool = True
+    chat_template: bool = False
     # Further engine-config fields, passed through as given (e.g. max_prefill_token_num=8192).
     engine_options: dict[str, Any] = field(default_factory=dict)
 
@@ -166,7 +167,8 @@ def _drive(
     if settings.stream and hasattr(pipe, "stream_infer"):
         engine["api"] = "pipeline.stream_infer"
         last: dict[int, float] = {}
-        for item in pipe.stream_infer(prompts, gen_config=gen):
+        # Raw prompts, no chat template: what profile_throughput feeds the engine.
+        for item in pipe.stream_infer(prompts, gen_config=gen, do_preprocess=settings.chat_template):
             now = time.perf_counter()
             i = int(getattr(item, "index", 0))
             rec = results[i]
@@ -183,7 +185,7 @@ def _drive(
                 rec.success = rec.output_tokens > 0
     else:
         engine["api"] = "pipeline.__call__ (batch; RPS and tok/s only)"
-        outs = pipe(prompts, gen_config=gen)
+        outs = pipe(prompts, gen_config=gen, do_preprocess=settings.chat_template)
         now = time.perf_counter()
         for rec, out in zip(results, outs, strict=True):
             rec.output_tokens = _token_count(out)
