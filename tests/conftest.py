@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from hostlab import FIXTURES, GOOD_URL, Provisioned
+from llama3_ops.freshhost import FreshHostLab, write_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 _host_index = itertools.count(8)
@@ -45,6 +49,28 @@ def lab() -> Iterator[object]:
     lab = FreshHostLab(base)
     lab.build()
     yield lab
+
+
+@pytest.fixture(scope="session")
+def provisioned(lab: FreshHostLab, lfs_repo: Path, tiny_model: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
+    """Boot a fresh host, put the model fixtures on it, and run site.yml twice with the cpu profile."""
+    name, idx = "prov", 3
+    logs = Path(tmp_path_factory.mktemp("provision-logs"))
+    with lab.host(name, idx) as target:
+        lab.put(name, idx, lfs_repo, f"{FIXTURES}/Meta-Llama-3-8B-Instruct.git")
+        # InternStudio-style shared model: read-only, owned by root.
+        lab.put(name, idx, tiny_model, "/srv/share/Meta-Llama-3-8B-Instruct", owner="root")
+        inventory = write_inventory(logs / "inventory.yml", [target],
+                                    {"llama3_profile": "cpu", "llama3_model_git_url": GOOD_URL})
+        p = Provisioned(lab, name, idx, target, inventory, [], logs)
+        for i in (1, 2):
+            run = p.play(f"site-run{i}")
+            p.runs.append(run)
+            if run.rc != 0:
+                pytest.fail(f"site.yml run {i} failed (rc={run.rc}):\n{run.tail(60)}")
+        (logs / "timings.json").write_text(json.dumps([{"seconds": r.seconds, **r.counts()} for r in p.runs]))
+        yield p
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(model, "tiny")
     repo = work / "model.git"
     publish(model, repo)
-    runs = []
+    runs: list[dict[str, object]] = []
     with lab.host(NAME, IDX) as target:
         lab.put(NAME, IDX, repo, FIXTURE)
         inv = write_inventory(work / "inventory.yml", [target],
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _git_commit(),
         "runs": runs,
         "warm_target": "changed=0 within 30 s",
-        "warm_met": all(r["changed"] == 0 and r["seconds"] <= 30 for r in runs[1:]),
+        "warm_met": all(r["changed"] == 0 and float(str(r["seconds"])) <= 30 for r in runs[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from llama3_ops.connection import HostKeyMismatchError, SSHError, SSHTarget, classify_ssh_failure
 from llama3_ops.ports import DEFAULT_PORT, find_free_port, is_port_free, port_accepts
+from llama3_ops.procs import stop_process
 
 Impl = Literal["openssh", "paramiko"]
 EventSink = Callable[[str], None]
@@ -274,12 +275,7 @@ class OpenSSHTunnel(Tunnel):
     def _close(self) -> None:
         proc = self.proc
         if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=5)
 
     @property
     def pid(self) -> int | None:

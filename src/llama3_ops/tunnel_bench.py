@@ -28,6 +28,7 @@ import aiohttp
 
 from llama3_ops.connection import SSHTarget
 from llama3_ops.ports import find_free_port, wait_port_accepts
+from llama3_ops.procs import stop_process
 from llama3_ops.tunnel import Impl, TunnelSpec, make_tunnel
 
 
@@ -194,12 +195,7 @@ def loopback_sshd() -> Iterator[SSHTarget]:
         )
     finally:
         if proc is not None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=10)
         shutil.rmtree(d, ignore_errors=True)
 
 

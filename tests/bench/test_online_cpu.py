@@ -19,6 +19,7 @@ from llama3_ops.bench.client import ClientConfig, run_load
 from llama3_ops.bench.metrics import aggregate
 from llama3_ops.bench.standin import free_port, standin_process, wait_http_ok
 from llama3_ops.bench.workload import Request
+from llama3_ops.procs import stop_process
 
 pytestmark = pytest.mark.slow
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,12 +92,7 @@ def tserve(tiny_model: Path) -> Iterator[str]:
         wait_http_ok(base + "/health", 120.0, proc)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
 
 
 def test_online_bench_against_transformers_serve(tserve: str, tiny_model: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import Provisioned
+from hostlab import Provisioned
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 
@@ -70,7 +70,8 @@ def test_corrupt_shard_fails_without_stamp_and_a_good_source_repairs(provisioned
 
 
 def test_damaged_lfs_checkout_is_repaired_in_place(provisioned: Provisioned) -> None:
-    """A shard damaged in the working tree (stamp gone): the next run restores it from git-lfs."""
+    """A shard damaged in the working tree (stamp gone): the next run restores it from git-lfs
+    (git-lfs re-checks the object on checkout, so this heals within one run)."""
     shard = "/home/student/model/Meta-Llama-3-8B-Instruct/model-00002-of-00003.safetensors"
     stamp = "/home/student/model/.Meta-Llama-3-8B-Instruct.llama3-ops.json"
     good = provisioned.sh(f"sha256sum {shard}").split()[0]
@@ -81,21 +82,23 @@ def test_damaged_lfs_checkout_is_repaired_in_place(provisioned: Provisioned) -> 
     assert provisioned.exists(stamp)
 
 
-def test_corrupt_lfs_object_fails_without_stamp_then_repairs(provisioned: Provisioned) -> None:
-    """The cached LFS object itself is bad: verification fails, removes it, and the next run re-fetches."""
+def test_mirror_not_matching_the_manifest_fails_then_repairs(provisioned: Provisioned) -> None:
+    """A git-lfs mirror whose shard differs from the pinned manifest: fail, no stamp, shard removed;
+    the next run with the right manifest downloads it again and stamps."""
     repo = "/home/student/model/Meta-Llama-3-8B-Instruct"
-    shard = f"{repo}/model-00002-of-00003.safetensors"
+    name = "model-00002-of-00003.safetensors"
     stamp = "/home/student/model/.Meta-Llama-3-8B-Instruct.llama3-ops.json"
-    good = provisioned.sh(f"sha256sum {shard}").split()[0]
-    obj = f"{repo}/.git/lfs/objects/{good[:2]}/{good[2:4]}/{good}"
-    provisioned.sh(f"for f in {obj} {shard}; do printf 'XXXX' | dd of=$f bs=1 seek=9000 conv=notrunc status=none;"
-                   f" done; rm {stamp}")
-    bad = provisioned.play("lfs-damaged", tags=["model"])
+    good = provisioned.sh(f"sha256sum {repo}/{name}").split()[0]
+    pinned = {name: "0" * 64}  # e.g. the official release's hash, which this mirror does not serve
+    bad = provisioned.play("lfs-manifest", tags=["model"], llama3_model_manifest=pinned)
     assert bad.rc != 0, bad.tail(40)
     assert "failed verification and is NOT marked complete" in " ".join(bad.output.split())
-    assert "model-00002-of-00003.safetensors: sha256" in bad.output
+    assert f"{name}: sha256 {good}, expected {'0' * 64}" in bad.output
     assert not provisioned.exists(stamp)
-    fixed = provisioned.play("lfs-repair", tags=["model"])
+    assert not provisioned.exists(f"{repo}/{name}")
+    fixed = provisioned.play("lfs-manifest-repair", tags=["model"], llama3_model_manifest={name: good})
     assert fixed.rc == 0, fixed.tail(40)
-    assert provisioned.sh(f"sha256sum {shard}").split()[0] == good
+    assert provisioned.sh(f"sha256sum {repo}/{name}").split()[0] == good
     assert provisioned.exists(stamp)
+    # Back to the manifest-less source of the other tests: a new fingerprint, verified again.
+    assert provisioned.play("lfs-manifest-reset", tags=["model"]).rc == 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import MODEL_DIR, STAMP, Provisioned
+from hostlab import MODEL_DIR, STAMP, Provisioned
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 
@@ -24,6 +24,8 @@ def test_system_packages_are_installed(provisioned: Provisioned) -> None:
     status = dict(line.split() for line in out.splitlines())
     assert status == dict.fromkeys(["git", "git-lfs", "tmux", "build-essential", "python3-venv"], "installed")
     assert "filter.lfs.process" in provisioned.sh("git config --global --list")
+    # systemd host: the course user lingers, so `fab serve`'s user units outlive the SSH session.
+    assert provisioned.sh("loginctl show-user student -p Linger --value").strip() == "yes"
 
 
 @pytest.mark.parametrize("env", ["llama3", "lmdeploy"])

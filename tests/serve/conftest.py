@@ -24,6 +24,7 @@ import pytest
 
 from llama3_ops.connection import SSHTarget
 from llama3_ops.ports import find_free_port
+from llama3_ops.procs import stop_process
 from llama3_ops.services import SSHRemote
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -171,12 +172,7 @@ LogLevel ERROR
         yield host
     finally:
         if "proc" in locals():
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=10)
         # every process left running as the throwaway user, by pid (servers, sshd session children)
         if "pw" in locals():
             _kill_uid(pw.pw_uid)

@@ -32,6 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
+from llama3_ops.procs import stop_process
+
 DEFAULT_MAX_TOKENS = 16
 TOKEN_TEXT = " hi"  # noqa: S105 - not a secret
 
@@ -201,12 +203,7 @@ def standin_process(
         wait_http_ok(base + "/health", 30.0, proc)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,88 @@
+"""`fab serve` on a fresh host provisioned with the cpu profile: a systemd user unit serving the tiny
+model with `transformers serve`, reached through the bundle's SSH tunnel from this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hostlab import Provisioned
+from llama3_ops import serve as srv
+from llama3_ops import services, tunnel
+from llama3_ops.ports import find_free_port, is_port_free
+
+pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+CFG = srv.ServeConfig(engine="transformers", model="base", env_bin_dir="~/envs/lmdeploy/bin", name="llm")
+
+
+def _post(url: str, body: dict[str, object]) -> bytes:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return bytes(resp.read())
+
+
+def test_serve_as_systemd_unit_and_chat_through_the_tunnel(provisioned: Provisioned, tmp_path: Path) -> None:
+    remote = services.SSHRemote(provisioned.target)
+    result = srv.serve(remote, CFG, timeout=300)
+    try:
+        assert result.status.mode == "systemd", "a host with systemd gets a supervised user unit"
+        assert result.ready is not None and result.ready.model_id
+        # The server binds the host's loopback only.
+        listen = provisioned.sh("ss -ltnH 'sport = :23333'")
+        assert "127.0.0.1:23333" in listen and "0.0.0.0" not in listen
+
+        root = tmp_path / "tunnels"
+        state = tunnel.up(tunnel.TunnelSpec(target=provisioned.target, local_port=find_free_port(), name="t"),
+                          root=root)
+        try:
+            models = json.loads(urllib.request.urlopen(state.url + "/v1/models", timeout=30).read())
+            model_id = models["data"][0]["id"]
+            reply = json.loads(_post(state.url + "/v1/chat/completions", {
+                "model": model_id, "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 5}))
+            assert reply["choices"][0]["message"]["role"] == "assistant"
+            stream = _post(state.url + "/v1/chat/completions", {
+                "model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True})
+            chunks = [line for line in stream.decode().splitlines() if line.startswith("data: {")]
+            assert len(chunks) >= 2, stream[:500]
+
+            # A second serve with the same settings reuses the server; other settings are refused.
+            again = srv.serve(remote, CFG, timeout=60)
+            assert not again.started_now and again.status.pid == result.status.pid
+            with pytest.raises(services.FingerprintMismatchError):
+                srv.serve(remote, srv.with_overrides(CFG, session_len=4096), timeout=60)
+        finally:
+            tunnel.down("t", root=root)
+        assert is_port_free(state.local_port or 0)
+    finally:
+        stopped = srv.stop(remote, "llm")
+    assert not stopped.running
+    assert provisioned.sh("ss -ltnH 'sport = :23333'").strip() == ""
+
+
+def test_fab_serve_detached_status_and_down(provisioned: Provisioned, tmp_path: Path) -> None:
+    """The fabfile itself, as a user runs it, against the inventory Ansible used."""
+    env = {**os.environ, "LLAMA3_INVENTORY": str(provisioned.inventory), "LLAMA3_OPS_STATE_DIR": str(tmp_path)}
+    fab = [str(Path(sys.executable).parent / "fab"), "--search-root", str(ROOT), "-H", provisioned.name]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*fab, *args], env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    up = run("serve", "--engine", "transformers", "--env", "~/envs/lmdeploy/bin", "--detach",
+             "--local-port", str(find_free_port()))
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        assert "/docs" in up.stdout
+        st = run("status")
+        assert st.returncode == 0 and "running" in st.stdout and "healthy" in st.stdout, st.stdout + st.stderr
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped llm" in down.stdout
+    assert provisioned.sh("ss -ltnH 'sport = :23333'").strip() == ""
