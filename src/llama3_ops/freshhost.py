@@ -313,7 +313,10 @@ class FreshHostLab:
             shutil.rmtree(inst.dir, ignore_errors=True)
             inst_root = self.base / "inst"
             nspawn = Path("/run/systemd/nspawn")
-            if (not inst_root.exists() or not any(inst_root.iterdir())) and os.path.ismount(nspawn):
+            # Another lab (a second checkout, CI beside a demo) may still run hosts: unmount only
+            # when no systemd-nspawn runs on this machine at all.
+            if (not inst_root.exists() or not any(inst_root.iterdir())) and os.path.ismount(nspawn) \
+                    and not _nspawn_running():
                 _run(["umount", str(nspawn)], check=False)
 
     @contextlib.contextmanager
@@ -363,6 +366,16 @@ def write_inventory(path: Path, targets: list[SSHTarget], host_vars: dict[str, o
         }
     path.write_text(yaml.safe_dump({"llama3_hosts": {"hosts": hosts}}, sort_keys=False))
     return path
+
+
+def _nspawn_running() -> bool:
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "systemd-nspawn":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _alive(pid: int) -> bool:

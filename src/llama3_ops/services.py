@@ -274,6 +274,11 @@ class FingerprintMismatchError(ServiceError):
 _PRELUDE = f"""
 S="$HOME/{STATE_REL}"; R="$S/run"; L="$S/logs"
 [ -n "${{XDG_RUNTIME_DIR:-}}" ] || export XDG_RUNTIME_DIR="/run/user/$(id -u)"
+# does anything listen on TCP port $1? (/proc/net/tcp*: minimal hosts lack ss and netstat)
+port_listening() {{
+  awk -v p="$(printf '%04X' "$1")" '$4 == "0A" {{ split($2, a, ":"); if (toupper(a[2]) == p) f=1 }}
+    END {{ exit !f }}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}}
 # is any non-zombie process left in process group $1? (/proc only: minimal hosts may lack procps)
 grp_alive() {{
   awk -v g="$1" '{{ sub(/.*\\) /, ""); if ($3 == g && $1 != "Z") found=1 }} END {{ exit !found }}' \
@@ -302,8 +307,8 @@ st_one() {
   echo "pid=$pid"; echo "alive=$alive"
   port=$(sed -n 's/.*"port": *\([0-9][0-9]*\).*/\1/p' "$R/$N.json" 2>/dev/null)
   lis=0
-  if [ -n "$port" ] && command -v ss >/dev/null; then
-    ss -ltnH "sport = :$port" 2>/dev/null | grep -q . && lis=1
+  if [ -n "$port" ]; then
+    port_listening "$port" && lis=1
   fi
   echo "listening=$lis"
   echo "log=$L/$N.log"
@@ -569,7 +574,8 @@ printf '=== llama3-ops stop %s\\n' "$(date -Is)" >> "$L/$N.log" 2>/dev/null || t
             time.sleep(0.3)
             st = status(remote, name, log_lines=20)
         if st.listening:
-            who = remote.run(f"ss -ltnpH 'sport = :{int(port)}' || true", timeout=30, check=False).stdout
+            who = remote.run(f"ss -ltnpH 'sport = :{int(port)}' 2>/dev/null || echo '(ss not installed)'",
+                             timeout=30, check=False).stdout
             raise ServiceError(
                 f"service {name} stopped but something still listens on port {st.port} on {remote.label}: "
                 f"{who.strip()}",
