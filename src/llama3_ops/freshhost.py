@@ -231,10 +231,7 @@ class FreshHostLab:
 
     def _net_up(self, inst: Instance) -> None:
         n = inst.name
-        for argv in (
-            ["ip", "link", "del", f"{n}-h"],  # a veth left by an earlier crash
-        ):
-            _run(argv, check=False)
+        _run(["ip", "link", "del", f"{n}-h"], check=False)  # a veth left by an earlier crash
         _run(["ip", "netns", "add", n])
         _run(["ip", "link", "add", f"{n}-h", "type", "veth", "peer", "name", f"{n}-n"])
         _run(["ip", "link", "set", f"{n}-n", "netns", n])
