@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hostlab import FIXTURES, GOOD_URL, Provisioned
+from hostlab import FIXTURES, GOOD_URL, Provisioned, slot_name
 from llama3_ops.freshhost import FreshHostLab, write_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
-_host_index = itertools.count(8)
+_host_offset = itertools.count(8)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,7 @@ def lab() -> Iterator[object]:
 def provisioned(lab: FreshHostLab, lfs_repo: Path, tiny_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
     """Boot a fresh host, put the model fixtures on it, and run site.yml twice with the cpu profile."""
-    name, idx = "prov", 3
+    name, idx = slot_name("prov", 3)
     logs = Path(tmp_path_factory.mktemp("provision-logs"))
     with lab.host(name, idx) as target:
         lab.put(name, idx, lfs_repo, f"{FIXTURES}/Meta-Llama-3-8B-Instruct.git")
@@ -79,7 +79,9 @@ def fresh_host(lab: object, request: pytest.FixtureRequest) -> Iterator[object]:
     from llama3_ops.freshhost import FreshHostLab
 
     assert isinstance(lab, FreshHostLab)
-    idx = next(_host_index)
-    name = f"fh{idx}"
+    offset = next(_host_offset)
+    if offset >= 16:
+        pytest.fail("more than 8 fresh_host tests in one run: widen the slot range in tests/hostlab.py")
+    name, idx = slot_name("fh", offset)
     with lab.host(name, idx) as target:
         yield target

@@ -14,6 +14,23 @@ GOOD_URL = f"file://{FIXTURES}/Meta-Llama-3-8B-Instruct.git"
 MODEL_DIR = "/home/student/model/Meta-Llama-3-8B-Instruct"
 STAMP = "/home/student/model/.Meta-Llama-3-8B-Instruct.llama3-ops.json"
 
+# Fresh-host slots (address 169.254.213.(4*idx+2), idx < 64). Test runs that share this machine
+# at the same time (two checkouts, two people) must set different LLAMA3_TEST_HOST_BASE values
+# (0, 16, 32, 48): slot = base + offset, and the machine name carries the slot.
+HOST_BASE = int(__import__("os").environ.get("LLAMA3_TEST_HOST_BASE", "0"))
+
+
+def slot(offset: int) -> int:
+    """The fresh-host index for this run's ``offset`` (0..15)."""
+    if not 0 <= offset < 16 or not 0 <= HOST_BASE <= 48:
+        raise ValueError(f"host slot {HOST_BASE}+{offset} out of range")
+    return HOST_BASE + offset
+
+
+def slot_name(prefix: str, offset: int) -> tuple[str, int]:
+    idx = slot(offset)
+    return f"{prefix}{idx}", idx
+
 
 @dataclass
 class Provisioned:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from hostlab import slot_name
 from llama3_ops.freshhost import FreshHostLab, write_inventory
 from llama3_ops.provision import run_playbook
 
@@ -13,7 +14,7 @@ pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 
 
 def test_check_mode_on_a_fresh_host(lab: FreshHostLab, lfs_repo: Path, tmp_path: Path) -> None:
-    with lab.host("chk", 4) as target:
+    with lab.host(*slot_name("chk", 4)) as target:
         lab.put("chk", 4, lfs_repo, "/srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git")
         inv = write_inventory(tmp_path / "inv.yml", [target], {
             "llama3_profile": "cpu",
