@@ -56,6 +56,20 @@ def test_standin_ttft_and_itl_measured_within_tolerance(standin: str) -> None:
     assert m["e2e_s"]["p50"] == pytest.approx(0.200 + 11 * 0.025, abs=0.08)
 
 
+@pytest.mark.parametrize("empty", [3, 12])
+def test_tokens_with_empty_text_are_not_failures(empty: int) -> None:
+    # lmdeploy streams tokens that end inside a UTF-8 sequence as empty text; a request whose
+    # tokens all decode to "" still generated them (usage says so) and must not count as failed.
+    with standin_process(tokens_per_s=40.0, ttft_ms=200.0, empty_tokens=empty) as base:
+        cfg = ClientConfig(base_url=base, model="standin", progress=False)
+        lr = asyncio.run(run_load([Request("hello world", 2, 12)] * 2, 2, cfg))
+    m = aggregate(lr.results, lr.wall_s)
+    assert (m["successful"], m["failed"]) == (2, 0)
+    assert m["output_tokens"] == 24
+    # TTFT is the first token event (empty or not), not the first non-empty text.
+    assert m["ttft_s"]["p50"] == pytest.approx(0.200, abs=0.05)
+
+
 @pytest.mark.parametrize(("limit", "expect"), [(0, 256), (100, 100)])
 def test_achieved_concurrency_reaches_256_only_without_the_connector_cap(
     standin: str, limit: int, expect: int

@@ -9,7 +9,12 @@ concurrency from the time each request's headers were really sent (aiohttp trace
 ``on_request_headers_sent``), so a connection cap shows up in the result instead of hiding in it.
 
 Output tokens: from ``usage.completion_tokens`` of the final chunk (we ask for it with
-``stream_options.include_usage``); servers that do not send usage get the count of text chunks.
+``stream_options.include_usage``); servers that do not send usage get the count of token chunks.
+
+Token events: every chunk that carries a choice with text (``text`` or ``delta.content``), even
+empty text. lmdeploy streams a token that ends inside a UTF-8 sequence as "" (random-weight models
+produce many), so TTFT and ITL are timed on token events, and a request whose tokens all decode to
+"" still succeeds. A chat role-only preamble is not a token.
 """
 
 from __future__ import annotations
@@ -102,14 +107,20 @@ def build_payload(cfg: ClientConfig, req: Request) -> dict[str, Any]:
     return body
 
 
-def _chunk_text(obj: dict[str, Any]) -> str:
+def _is_token_event(obj: dict[str, Any]) -> bool:
+    """A chunk that carries a generated token, even one whose text is empty.
+
+    Byte-level BPE tokens that end inside a UTF-8 sequence are streamed as empty text (lmdeploy
+    holds the bytes back). Chat role-only preambles (``{"delta": {"role": ...}}``) are not tokens.
+    """
     choices = obj.get("choices") or []
     if not choices:
-        return ""
+        return False
     c = choices[0]
     if "delta" in c:
-        return str((c.get("delta") or {}).get("content") or "")
-    return str(c.get("text") or "")
+        delta = c.get("delta") or {}
+        return "content" in delta and not ("role" in delta and not delta.get("content"))
+    return "text" in c
 
 
 async def _on_headers_sent(
@@ -159,7 +170,7 @@ async def send_one(
                     rec.output_tokens_source = "usage"
                     if usage.get("prompt_tokens") is not None:
                         rec.server_prompt_tokens = int(usage["prompt_tokens"])
-                if _chunk_text(obj):
+                if _is_token_event(obj):
                     chunks += 1
                     if rec.first_token is None:
                         rec.first_token = now

@@ -43,6 +43,9 @@ class StandinConfig:
     tokens_per_s: float = 50.0
     ttft_s: float = 0.0
     model: str = "standin"
+    # The first N tokens of each stream carry empty text, as lmdeploy streams tokens that end
+    # inside a UTF-8 sequence (random-weight models produce many).
+    empty_tokens: int = 0
 
 
 @dataclass
@@ -122,13 +125,16 @@ def make_app(cfg: StandinConfig) -> web.Application:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
             await resp.prepare(request)
+            def text_of(k: int) -> str:
+                return "" if k < cfg.empty_tokens else TOKEN_TEXT
+
             for k in range(n):
                 delay = first + k * interval - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 finish = "length" if k == n - 1 else None
                 await resp.write(
-                    f"data: {json.dumps(_chunk(kind, model, rid, TOKEN_TEXT, finish))}\n\n".encode()
+                    f"data: {json.dumps(_chunk(kind, model, rid, text_of(k), finish))}\n\n".encode()
                 )
             if (body.get("stream_options") or {}).get("include_usage"):
                 last = _chunk(kind, model, rid, None, None)
@@ -180,7 +186,11 @@ def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | Non
 
 @contextlib.contextmanager
 def standin_process(
-    tokens_per_s: float = 50.0, ttft_ms: float = 0.0, host: str = "127.0.0.1", port: int | None = None
+    tokens_per_s: float = 50.0,
+    ttft_ms: float = 0.0,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    empty_tokens: int = 0,
 ) -> Iterator[str]:
     """Run the stand-in in a subprocess; yields its base URL (``http://host:port``)."""
     port = port or free_port(host)
@@ -196,6 +206,8 @@ def standin_process(
         str(tokens_per_s),
         "--ttft-ms",
         str(ttft_ms),
+        "--empty-tokens",
+        str(empty_tokens),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     base = f"http://{host}:{port}"
@@ -215,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-s", type=float, default=50.0, help="per-request streaming rate")
     ap.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
     ap.add_argument("--model", default="standin")
+    ap.add_argument("--empty-tokens", type=int, default=0, help="first N tokens stream empty text")
     args = ap.parse_args(argv)
     if args.tokens_per_s <= 0:
         ap.error("--tokens-per-s must be > 0")
-    cfg = StandinConfig(tokens_per_s=args.tokens_per_s, ttft_s=args.ttft_ms / 1000.0, model=args.model)
+    cfg = StandinConfig(tokens_per_s=args.tokens_per_s, ttft_s=args.ttft_ms / 1000.0, model=args.model,
+                         empty_tokens=args.empty_tokens)
     print(f"standin listening on http://{args.host}:{args.port}", flush=True)
     web.run_app(make_app(cfg), host=args.host, port=args.port, print=None, backlog=4096, access_log=None)
     return 0
