@@ -3,7 +3,7 @@
     nox -s demo        the whole chain on CPU against a throwaway local host
     nox -s tests       every test (fresh hosts, real sshd, real git-lfs, real servers)
     nox -s lint        ruff, mypy, ansible-lint (production profile)
-    nox -s bench_provision / bench / bench_tunnel    benchmarks -> results/*.json
+    nox -s bench_provision / bench / bench_tunnel / crosscheck    benchmarks -> results/*.json
 """
 
 from __future__ import annotations
@@ -36,6 +36,22 @@ def _install(session: nox.Session, extras: str = "data,model,dev") -> None:
     session.install("--no-deps", TOKENIZER_PKG)
 
 
+# NVIDIA AIPerf, the established load generator our client is cross-checked against. It gets
+# its own venv (its pins clash with ours); tests find it through LLAMA3_OPS_AIPERF.
+AIPERF = "aiperf==0.13.0"
+AIPERF_VENV = ROOT / ".nox" / "_aiperf"
+
+
+def _aiperf(session: nox.Session) -> str:
+    exe = AIPERF_VENV / "bin" / "aiperf"
+    stamp = AIPERF_VENV / ".installed"
+    if not (exe.exists() and stamp.exists() and stamp.read_text() == AIPERF):
+        session.run("python", "-m", "venv", "--clear", str(AIPERF_VENV))
+        session.run(str(AIPERF_VENV / "bin" / "pip"), "install", "-q", AIPERF, external=True)
+        stamp.write_text(AIPERF)
+    return str(exe)
+
+
 def _stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -53,6 +69,7 @@ def lint(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """All tests. Fresh hosts need root: they boot Debian guests with systemd-nspawn."""
     _install(session)
+    session.env["LLAMA3_OPS_AIPERF"] = _aiperf(session)
     session.run("python", "-m", "llama3_ops.freshhost", "deps")
     session.run("pytest", *(session.posargs or ["-q", "-rs", "--durations=15"]))
 
@@ -86,6 +103,14 @@ def bench_tunnel(session: nox.Session) -> None:
     _install(session)
     out = ROOT / "results" / "cpu" / f"tunnel-{_stamp()}.json"
     session.run("python", "-m", "llama3_ops.tunnel_bench", "--json", str(out), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def crosscheck(session: nox.Session) -> None:
+    """Our load generator vs AIPerf on the same servers and workloads -> results/cpu/crosscheck-*.json."""
+    _install(session)
+    out = ROOT / "results" / "cpu" / f"crosscheck-{_stamp()}.json"
+    session.run("python", "-m", "llama3_ops.bench.crosscheck", "--aiperf", _aiperf(session), "--out", str(out))
 
 
 @nox.session(python=False)

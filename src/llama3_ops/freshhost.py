@@ -260,6 +260,18 @@ class FreshHostLab:
         elif allowed and present:
             _run(["iptables", "-D", *rule])
 
+    def partition(self, name: str, idx: int, cut: bool) -> None:
+        """Cut (or restore) the network between this machine and the host: packets are dropped,
+        not refused, as on a real outage, so open TCP connections stall instead of resetting."""
+        inst = self.instance(name, idx)
+        for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d")):
+            rule = [chain, flag, inst.guest_ip, "-j", "DROP", "-m", "comment", "--comment", "llama3-ops-partition"]
+            present = _run(["iptables", "-C", *rule], check=False).returncode == 0
+            if cut and not present:
+                _run(["iptables", "-I", *rule])
+            elif not cut and present:
+                _run(["iptables", "-D", *rule])
+
     def _netns_pids(self, name: str) -> list[int]:
         out = _run(["ip", "netns", "pids", name], check=False).stdout
         return [int(p) for p in out.split()]
@@ -298,6 +310,7 @@ class FreshHostLab:
             _run(["iptables", "-t", "nat", "-D", "POSTROUTING", "-s", inst.net, "-o", _uplink(), "-j",
                   "MASQUERADE", "-m", "comment", "--comment", "llama3-ops-freshhost"], check=False)
             self.set_egress(name, idx, allowed=True)
+            self.partition(name, idx, cut=False)
             nat = _run(["iptables", "-t", "nat", "-S", "POSTROUTING"], check=False).stdout
             orig = self.base / ".ip_forward.orig"
             if "llama3-ops-freshhost" not in nat and orig.exists():

@@ -69,6 +69,10 @@ class TunnelSpec:
     keepalive_interval: int = 2
     keepalive_count: int = 2
     connect_timeout: int = 5
+    # Reconnect attempts give up sooner and retry: a TCP connect started while the network was
+    # down waits for SYN retransmits (1 s, 3 s, 7 s), so a short timeout + a new attempt gets back
+    # within ~1-2 s of the network returning instead of up to connect_timeout.
+    reconnect_timeout: int = 2
     health_path: str | None = "/health"  # re-checked after each reconnect; None: don't
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,7 +215,7 @@ class OpenSSHTunnel(Tunnel):
         self.proc: subprocess.Popen[bytes] | None = None
         self._stderr: deque[str] = deque(maxlen=50)
 
-    def argv(self) -> list[str]:
+    def argv(self, connect_timeout: int | None = None) -> list[str]:
         s = self.spec
         return [
             "ssh",
@@ -221,7 +225,7 @@ class OpenSSHTunnel(Tunnel):
             "-o", "ExitOnForwardFailure=yes",
             "-o", f"ServerAliveInterval={s.keepalive_interval}",
             "-o", f"ServerAliveCountMax={s.keepalive_count}",
-            "-o", f"ConnectTimeout={s.connect_timeout}",
+            "-o", f"ConnectTimeout={connect_timeout or s.connect_timeout}",
             "-o", "TCPKeepAlive=yes",
             "-o", "ControlMaster=no",
             "-o", "ControlPath=none",
@@ -239,15 +243,16 @@ class OpenSSHTunnel(Tunnel):
 
     def _connect(self, first: bool) -> None:
         self._stderr.clear()
+        timeout = self.spec.connect_timeout if first else self.spec.reconnect_timeout
         proc = subprocess.Popen(
-            self.argv(),
+            self.argv(timeout),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
         )
         threading.Thread(target=self._reader, args=(proc,), daemon=True).start()
-        deadline = time.monotonic() + self.spec.connect_timeout + 5
+        deadline = time.monotonic() + timeout + 5
         while True:
             rc = proc.poll()
             if rc is not None:

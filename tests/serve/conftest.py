@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from llama3_ops import chat_client
 from llama3_ops.connection import SSHTarget
 from llama3_ops.ports import find_free_port
 from llama3_ops.procs import stop_process
@@ -191,3 +192,18 @@ def state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "state"
     monkeypatch.setenv("LLAMA3_OPS_STATE_DIR", str(root))
     return root
+
+
+def stream_worker(url: str, model: str, max_tokens: int, out: dict[str, object]) -> None:
+    """Stream one chat completion through ``url``; record tokens seen and ok/error in ``out``."""
+    n = 0
+    try:
+        for _ in chat_client.stream_chat(
+            url, [{"role": "user", "content": "go"}], model, max_tokens=max_tokens
+        ):
+            n += 1
+            out["tokens"] = n
+        out["ok"] = n >= max_tokens - 1
+    except Exception as exc:
+        out["ok"] = False
+        out["error"] = f"{type(exc).__name__}: {exc}"

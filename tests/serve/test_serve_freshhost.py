@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +18,10 @@ import pytest
 from hostlab import Provisioned
 from llama3_ops import serve as srv
 from llama3_ops import services, tunnel
-from llama3_ops.ports import find_free_port, is_port_free
+from llama3_ops.ports import find_free_port, is_port_free, port_accepts
+from llama3_ops.tunnel import OpenSSHTunnel, TunnelSpec
+
+from .conftest import stream_worker
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +101,67 @@ def test_fab_serve_detached_status_and_down(provisioned: Provisioned, tmp_path: 
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stopped llm" in down.stdout
     assert listeners(provisioned) == []
+
+
+def test_tunnel_heals_after_ssh_kill_and_network_outage(provisioned: Provisioned) -> None:
+    """Real network between this machine and a fresh host: kill the tunnel's ssh mid-stream, then
+    drop every packet to the host for 8 s (longer than keepalive 2 s x 2), and time the way back."""
+    remote = services.SSHRemote(provisioned.target)
+    result = srv.serve(remote, CFG, timeout=300)
+    assert result.ready is not None
+    model_id = result.ready.model_id
+    events: list[str] = []
+    tun = OpenSSHTunnel(TunnelSpec(target=provisioned.target, local_port=find_free_port(), name="heal"),
+                        on_event=events.append)
+    tun.start()
+    try:
+        # 1. The ssh process dies while three streams are in flight.
+        results: list[dict[str, object]] = [{} for _ in range(3)]
+        threads = [threading.Thread(target=stream_worker, args=(tun.url, model_id, 40, r)) for r in results]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not results[0].get("tokens") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert results[0].get("tokens"), "first stream never started"
+        old = tun.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        while not tun.reconnects and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert tun.reconnects, f"no reconnect: {events}"
+        rec = tun.reconnects[0]
+        for t in threads:
+            t.join(timeout=120)
+        lost = sum(1 for r in results if not r.get("ok"))
+        print(f"\n[fresh host] ssh killed -> back in {rec.seconds:.2f}s ({rec.attempts} attempt(s), server "
+              f"{rec.health}); in-flight streams lost: {lost}/{len(results)}")
+        assert rec.seconds < 5 and rec.health == "healthy"
+        after: dict[str, object] = {}
+        stream_worker(tun.url, model_id, 5, after)
+        assert after.get("ok"), after
+
+        # 2. A network outage: packets dropped both ways for 8 s.
+        before = len(tun.reconnects)
+        provisioned.lab.partition(provisioned.name, provisioned.idx, cut=True)
+        try:
+            time.sleep(8)
+        finally:
+            provisioned.lab.partition(provisioned.name, provisioned.idx, cut=False)
+        back_at = time.monotonic()
+        while len(tun.reconnects) == before and time.monotonic() - back_at < 30:
+            time.sleep(0.02)
+        assert len(tun.reconnects) > before, f"no reconnect after the outage: {events[-5:]}"
+        rec = tun.reconnects[-1]
+        after_back = rec.up_at - back_at
+        print(f"[fresh host] 8 s outage: ssh gave up after {rec.down_at - (back_at - 8):.1f}s; tunnel back "
+              f"{after_back:.2f}s after the network ({rec.attempts} attempt(s), server {rec.health})")
+        assert after_back < 5, events[-5:]
+        assert rec.health == "healthy"
+        after = {}
+        stream_worker(tun.url, model_id, 5, after)
+        assert after.get("ok"), after
+    finally:
+        tun.stop()
+        srv.stop(remote, "llm")
+    assert not port_accepts(tun.local_port)

@@ -25,7 +25,7 @@ from llama3_ops.connection import HostKeyMismatchError
 from llama3_ops.ports import find_free_port, listening_pids, port_accepts
 from llama3_ops.tunnel import OpenSSHTunnel, ParamikoTunnel, TunnelSpec
 
-from .conftest import SSHHost
+from .conftest import SSHHost, stream_worker
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 
@@ -112,20 +112,6 @@ def test_serve_health_chat_and_stream_through_tunnel(ssh_target: SSHHost, served
         assert not port_accepts(local_port), f"{impl}: listener left on {local_port}"
 
 
-def _stream_worker(url: str, model: str, max_tokens: int, out: dict[str, object]) -> None:
-    n = 0
-    try:
-        for _ in chat_client.stream_chat(
-            url, [{"role": "user", "content": "go"}], model, max_tokens=max_tokens
-        ):
-            n += 1
-            out["tokens"] = n
-        out["ok"] = n >= max_tokens - 1
-    except Exception as exc:
-        out["ok"] = False
-        out["error"] = f"{type(exc).__name__}: {exc}"
-
-
 def test_openssh_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served: Served) -> None:
     events: list[str] = []
     tun = OpenSSHTunnel(_tunnel_spec(ssh_target, served), on_event=events.append)
@@ -133,7 +119,7 @@ def test_openssh_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served:
     try:
         results: list[dict[str, object]] = [{} for _ in range(3)]
         threads = [
-            threading.Thread(target=_stream_worker, args=(tun.url, served.model_id, 40, r)) for r in results
+            threading.Thread(target=stream_worker, args=(tun.url, served.model_id, 40, r)) for r in results
         ]
         for t in threads:
             t.start()
@@ -161,7 +147,7 @@ def test_openssh_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served:
         assert rec.health == "healthy"
         after: list[dict[str, object]] = [{} for _ in range(2)]
         for r in after:
-            _stream_worker(tun.url, served.model_id, 5, r)
+            stream_worker(tun.url, served.model_id, 5, r)
         assert all(r.get("ok") for r in after), after
     finally:
         tun.stop()

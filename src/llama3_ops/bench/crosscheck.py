@@ -138,3 +138,65 @@ def crosscheck(
         "within_tolerance": ok,
         "aiperf_command": cmd,
     }
+
+
+def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> dict[str, Any]:
+    """Cross-check on this machine: the fixed-rate stand-in and a real ``transformers serve``.
+
+    The stand-in (100 tok/s per request) isolates the load generators; ``transformers serve`` with
+    the tiny Llama-3-shaped model (real tokenizer) is a real server whose speed varies run to run.
+    """
+    from llama3_ops.bench.report import provenance
+    from llama3_ops.bench.standin import standin_process, transformers_serve_process
+    from llama3_ops.checkpoint import make_checkpoint
+
+    console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
+    model = make_checkpoint(out / "tiny-model", "tiny")
+    cases: list[dict[str, Any]] = []
+    with standin_process(tokens_per_s=100.0) as base:
+        for conc, n in ((8, 64), (64, 512)):
+            console.rule(f"stand-in, concurrency {conc}")
+            res = crosscheck(base_url=base, model="standin", tokenizer_dir=model, concurrency=conc,
+                             num_prompts=n, input_len=128, output_len=100, aiperf=aiperf,
+                             out=out / f"standin-c{conc}", console=console)  # fmt: skip
+            cases.append({"server": "standin (100 tok/s per request)"} | res)
+    with transformers_serve_process(str(model)) as base:
+        console.rule("transformers serve, tiny model, concurrency 4")
+        res = crosscheck(base_url=base, model=str(model), tokenizer_dir=model, concurrency=4, num_prompts=32,
+                         input_len=128, output_len=32, aiperf=aiperf, out=out / "tserve-c4",
+                         console=console)  # fmt: skip
+        cases.append({"server": "transformers serve (CPU, tiny model)"} | res)
+    return {
+        "kind": "crosscheck",
+        "provenance": provenance(),
+        "cases": cases,
+        "all_within_tolerance": all(c["within_tolerance"] for c in cases),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from llama3_ops.bench.report import write_json_atomic
+
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.bench.crosscheck", description=crosscheck_local.__doc__)
+    ap.add_argument("--aiperf", required=True, help="aiperf executable")
+    ap.add_argument("--out", required=True, help="result JSON path")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llama3-crosscheck-") as work:
+        res = crosscheck_local(args.aiperf, Path(work))
+    write_json_atomic(out, res)
+    for c in res["cases"]:
+        print(f"{c['server']:40s} c={c['concurrency']:<3d} ours {c['ours']['rps']:.3f} RPS "
+              f"{c['ours']['output_tok_s']:.1f} tok/s | aiperf {c['aiperf']['rps']:.3f} RPS "
+              f"{c['aiperf']['output_tok_s']:.1f} tok/s | diff {c['rel_diff_rps']:.1%} / "
+              f"{c['rel_diff_output_tok_s']:.1%}")  # fmt: skip
+    return 0 if res["all_within_tolerance"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

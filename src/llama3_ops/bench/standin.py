@@ -218,6 +218,31 @@ def standin_process(
         stop_process(proc, timeout=10)
 
 
+@contextlib.contextmanager
+def transformers_serve_process(model_dir: str, port: int | None = None, timeout_s: float = 120.0) -> Iterator[str]:
+    """Run a real ``transformers serve`` on CPU for ``model_dir``; yields its base URL."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    if not Path(exe).exists():
+        raise FileNotFoundError("transformers CLI not installed (pip install 'llama3-ops[model]')")
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", model_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(base + "/health", timeout_s, proc)
+        yield base
+    finally:
+        stop_process(proc, timeout=15)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m llama3_ops.bench.standin", description=__doc__.split("\n")[0]
