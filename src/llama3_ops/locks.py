@@ -234,8 +234,9 @@ def load_env_specs(profile_path: Path) -> list[EnvSpec]:
             if "exclude_newer" in body
             else default_date
         )
-        python = str(body.get("python", ""))
-        if not _PYTHON_RE.match(python):
+        raw_python = body.get("python", "")
+        python = raw_python if isinstance(raw_python, str) else repr(raw_python)
+        if not isinstance(raw_python, str) or not _PYTHON_RE.match(python):
             raise LockError(f'{where}: python must be a version like "3.10" (quoted), got {python!r}')
         packages = body.get("packages")
         if not isinstance(packages, list) or not packages:
