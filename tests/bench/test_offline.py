@@ -108,3 +108,62 @@ def test_real_lmdeploy_configs() -> None:
     cfg = build_engine_config(OfflineSettings(max_batch_size=8, cache_max_entry_count=0.5), lmdeploy)
     assert cfg.max_batch_size == 8
     assert cfg.cache_max_entry_count == 0.5
+
+
+class _FakeInstance:
+    """The interface of lmdeploy's EngineInstance: async_stream_infer yields new token ids per step."""
+
+    def __init__(self, engine: _FakeEngine) -> None:
+        self.engine = engine
+
+    async def async_stream_infer(self, session_id: int, input_ids: list[int], gen_config: Any) -> Any:
+        import asyncio
+
+        self.engine.in_flight += 1
+        self.engine.peak = max(self.engine.peak, self.engine.in_flight)
+        try:
+            for k in range(gen_config.max_new_tokens):
+                await asyncio.sleep(0.001)
+                last = k == gen_config.max_new_tokens - 1
+                yield SimpleNamespace(status=SimpleNamespace(name="FINISH" if last else "SUCCESS"),
+                                      token_ids=[7])
+        finally:
+            self.engine.in_flight -= 1
+
+
+class _FakeEngine:
+    def __init__(self) -> None:
+        self.in_flight = self.peak = 0
+        self.started = self.closed = False
+
+    def start_loop(self) -> None:
+        self.started = True
+
+    def create_instance(self) -> _FakeInstance:
+        return _FakeInstance(self)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_engine_driver_counts_tokens_caps_concurrency_and_closes() -> None:
+    from llama3_ops.bench.offline import run_engine_driver
+
+    eng = _FakeEngine()
+    reqs = [Request(f"p{i}", 3, 4 + i % 3) for i in range(10)]
+    st = OfflineSettings(max_batch_size=4, driver="engine")
+    seen: list[tuple[str, object]] = []
+
+    def factory(model: str, engine_config: object) -> _FakeEngine:
+        seen.append((model, engine_config))
+        return eng
+
+    results, wall, info = run_engine_driver("/m", reqs, st, _fake_lmdeploy(None), "CFG", engine_factory=factory,
+                                            tokenize=lambda _m: (lambda s: [1, 2, len(s)]))
+    assert seen == [("/m", "CFG")] and eng.started and eng.closed
+    assert eng.peak == 4, "max_batch_size workers, never more in flight"
+    assert [r.output_tokens for r in results] == [4 + i % 3 for i in range(10)]
+    assert all(r.success and r.first_token is not None for r in results)
+    assert [r.prompt_len for r in results] == [3] * 10  # from the engine's tokenizer, not the workload
+    assert all(len(r.itl) == r.output_tokens - 1 for r in results)
+    assert wall > 0 and "no detokenize" in info["api"]

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="another engine-config field (JSON value), e.g. max_prefill_token_num=8192",
     )
+    off.add_argument(
+        "--driver",
+        choices=("pipeline", "engine"),
+        default="pipeline",
+        help="pipeline: lmdeploy.pipeline (detokenizes); engine: the PyTorch engine driven with token ids, "
+        "as benchmark/profile_throughput.py does",
+    )
     off.add_argument("--tp", type=int, default=1)
     off.add_argument("--session-len", type=int, default=4096)
     off.add_argument("--quant-policy", type=int, default=0)
@@ -326,6 +333,7 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
             quant_policy=args.quant_policy,
             top_k=args.top_k,
             stream=not args.no_stream,
+            driver=args.driver,
             engine_options=_json_values(parse_settings(args.engine_option)),
         )
         results, wall, engine = run_offline(args.model, wl.requests, st)

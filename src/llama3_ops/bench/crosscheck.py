@@ -161,7 +161,7 @@ def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> 
                              num_prompts=n, input_len=128, output_len=100, aiperf=aiperf,
                              out=out / f"standin-c{conc}", console=console)  # fmt: skip
             cases.append({"server": "standin (100 tok/s per request)"} | res)
-    with transformers_serve_process(str(model)) as base:
+    with transformers_serve_process(str(model), timeout_s=600) as base:
         console.rule("transformers serve, tiny model, concurrency 4")
         res = crosscheck(base_url=base, model=str(model), tokenizer_dir=model, concurrency=4, num_prompts=32,
                          input_len=128, output_len=32, aiperf=aiperf, out=out / "tserve-c4",

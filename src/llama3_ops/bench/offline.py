@@ -42,6 +42,10 @@ class OfflineSettings:
     top_k: int = 1
     stream: bool = True
     chat_template: bool = False
+    # "pipeline": lmdeploy.pipeline (detokenizes every step, as a user's script does);
+    # "engine": the PyTorch engine driven directly with pre-tokenized ids and no detokenization,
+    # concurrency workers each with an engine instance (what benchmark/profile_throughput.py does).
+    driver: str = "pipeline"
     # Further engine-config fields, passed through as given (e.g. max_prefill_token_num=8192).
     engine_options: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +120,10 @@ def run_offline(
         raise BenchError("max batch size (concurrency) must be > 0")
     lm = lmdeploy_module if lmdeploy_module is not None else import_lmdeploy()
     backend_config = build_engine_config(settings, lm)
+    if settings.driver == "engine":
+        return run_engine_driver(model, requests, settings, lm, backend_config)
+    if settings.driver != "pipeline":
+        raise BenchError(f"unknown driver {settings.driver!r} (pipeline or engine)")
     own_pipe = pipe is None
     if pipe is None:
         pipe = lm.pipeline(model, backend_config=backend_config)
@@ -198,3 +206,95 @@ def _drive(
             rec.end = rec.end or time.perf_counter()
     wall = max(r.end for r in results) - t0 if results else 0.0
     return results, wall, engine
+
+
+def run_engine_driver(
+    model: str,
+    requests: Sequence[Request],
+    settings: OfflineSettings,
+    lm: Any,
+    backend_config: Any,
+    engine_factory: Any | None = None,
+    tokenize: Any | None = None,
+) -> tuple[list[RequestResult], float, dict[str, Any]]:
+    """Drive the PyTorch engine directly, as ``benchmark/profile_throughput.py`` does.
+
+    Prompts are tokenized before the clock starts; ``max_batch_size`` workers each own an engine
+    instance and pull requests from one queue; tokens are counted from the engine's outputs, never
+    detokenized. ``engine_factory(model, backend_config)`` and ``tokenize(model) -> (str -> ids)``
+    default to lmdeploy's ``Engine.from_pretrained`` and its ``Tokenizer``.
+    """
+    import asyncio
+
+    if settings.backend != "pytorch":
+        raise BenchError("the engine driver supports the PyTorch engine only (backend pytorch)")
+    if engine_factory is None:
+        from lmdeploy.pytorch.engine import Engine
+
+        engine_factory = Engine.from_pretrained
+    if tokenize is None:
+        from lmdeploy.tokenizer import Tokenizer
+
+        tok = Tokenizer(model)
+        encode = tok.encode
+    else:
+        encode = tokenize(model)
+    ids = [list(encode(r.prompt)) for r in requests]
+    gen = build_gen_configs(requests, settings, lm)
+    results = [
+        RequestResult(index=i, prompt_len=len(ids[i]), requested_output_len=r.output_len)
+        for i, r in enumerate(requests)
+    ]
+    info: dict[str, Any] = {
+        "name": "lmdeploy",
+        "version": str(getattr(lm, "__version__", "unknown")),
+        "backend": settings.backend,
+        "config": repr(backend_config),
+        "api": "pytorch Engine.create_instance().async_stream_infer (pre-tokenized, no detokenize)",
+    }
+
+    async def main() -> float:
+        engine = engine_factory(model, engine_config=backend_config)
+        try:
+            engine.start_loop()
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for i in range(len(requests)):
+                queue.put_nowait(i)
+
+            async def worker(wid: int) -> None:
+                inst = engine.create_instance()
+                while True:
+                    try:
+                        i = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    rec = results[i]
+                    rec.start = rec.sent = time.perf_counter()
+                    n = 0
+                    status = None
+                    async for out in inst.async_stream_infer(i + 1, ids[i], gen_config=gen[i]):
+                        now = time.perf_counter()
+                        status = getattr(out.status, "name", str(out.status))
+                        if out.token_ids:
+                            n += len(out.token_ids)
+                            if rec.first_token is None:
+                                rec.first_token = now
+                            else:
+                                rec.itl.append(now - (rec.end or now))
+                            rec.end = now
+                    rec.end = rec.end or time.perf_counter()
+                    rec.output_tokens = n
+                    rec.success = n > 0 and status in ("SUCCESS", "FINISH")
+                    if not rec.success:
+                        rec.error = f"engine status {status} after {n} tokens"
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(w) for w in range(min(settings.max_batch_size, len(requests)))))
+            return time.perf_counter() - t0
+        finally:
+            engine.close()
+
+    wall = asyncio.run(main())
+    for rec in results:
+        rec.output_tokens_source = "engine"
+    return results, wall, info
