@@ -42,8 +42,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MARKER = ".llama3-ops-awq.json"
 PROGRESS = "@@llama3-ops"
@@ -81,7 +82,7 @@ def load_text(source: str) -> tuple[str, str]:
     if source == "pydoc":
         return pydoc_text(), "pydoc_data.topics of " + sys.executable
     if source.startswith("file:"):
-        path = Path(os.path.expanduser(source[5:]))
+        path = Path(source[5:]).expanduser()
         if not path.is_file():
             raise CalibrationError(f"calibration text file {path} does not exist")
         try:
@@ -193,8 +194,8 @@ def _check_output(work: Path, w_bits: int, group: int) -> dict[str, Any]:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    out = Path(os.path.expanduser(args.out)).resolve()
-    model = str(Path(os.path.expanduser(args.model)).resolve())
+    out = Path(args.out).expanduser().resolve()
+    model = str(Path(args.model).expanduser().resolve())
     marker = out / MARKER
     if marker.is_file() and not args.force:
         emit("done", already=True, out=str(out))
@@ -225,7 +226,7 @@ def quantize(args: argparse.Namespace) -> int:
     else:
         text, described = load_text(args.calib)
         calib.update(description=described, sha256=hashlib.sha256(text.encode()).hexdigest(), chars=len(text))
-        cal_mod.get_calib_loaders = make_loader(text, loader_returns_tuple(cal_mod.calibrate), calib)  # type: ignore[attr-defined]
+        cal_mod.get_calib_loaders = make_loader(text, loader_returns_tuple(cal_mod.calibrate), calib)
     _patch_progress(awq_mod)
 
     params = inspect.signature(awq_mod.auto_awq).parameters
