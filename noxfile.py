@@ -4,6 +4,7 @@
     nox -s tests       every test (fresh hosts, real sshd, real git-lfs, real servers)
     nox -s lint        ruff, mypy, ansible-lint (production profile)
     nox -s bench_provision / bench / bench_tunnel / crosscheck    benchmarks -> results/*.json
+    nox -s lock        recompile the hash locks (locks/<profile>/<env>.txt) with uv
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def bench_tunnel(session: nox.Session) -> None:
     _install(session)
     out = ROOT / "results" / "cpu" / f"tunnel-{_stamp()}.json"
     session.run("python", "-m", "llama3_ops.tunnel_bench", "--json", str(out), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lock(session: nox.Session) -> None:
+    """Recompile the hash locks locks/<profile>/<env>.txt with uv: `nox -s lock -- course`."""
+    session.install("uv==0.13.9", "rich>=13", "pyyaml>=6", "packaging>=23")
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "llama3_ops.locks", "compile", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -31,7 +31,10 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
     log "offline $name: $*"
     python3 -m llama3_ops.bench offline --model "$MODEL" --backend pytorch --dataset "workload:$WORKLOAD" \
       --num-prompts 2000 --profile current --no-progress --out "$WORK/results/offline-$name" "$@" \
-      2>&1 | tee "$WORK/results/offline-$name.log" | grep -vE "^\s*$" | tail -25 ;;
+      2>&1 | tee "$WORK/results/offline-$name.log" | grep -vE "^\s*$" | tail -25 &
+    pid=$!
+    (sleep 70; top -b -n 1 -w 200 | head -25 > "$WORK/results/top-offline-$name.txt") &
+    wait $pid ;;
   serve)
     name=$2; shift 2
     log "serve $name: $*"
@@ -39,6 +42,8 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
       --env-bin-dir /tmp/site/bin --env "PYTHONPATH=$PYTHONPATH" "$@" 2>&1 | tee "$WORK/results/serve-$name.log" | tail -5
     model_id=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
     for c in ${CONCURRENCY:-256 512}; do
+      # Who uses the CPU mid-run (engine process, API process, our client).
+      (sleep 25; top -b -n 1 -w 200 | head -25 > "$WORK/results/top-$name-c$c.txt") &
       python3 -m llama3_ops.bench online --base-url http://127.0.0.1:23333 --model "$model_id" \
         --dataset "workload:$WORKLOAD" --num-prompts 2000 --concurrency "$c" --profile current --no-progress \
         --engine lmdeploy --backend pytorch --engine-version 0.18.0 --out "$WORK/results/online-$name-c$c" \

@@ -116,7 +116,7 @@ class _FakeInstance:
     def __init__(self, engine: _FakeEngine) -> None:
         self.engine = engine
 
-    async def async_stream_infer(self, session_id: int, input_ids: list[int], gen_config: Any) -> Any:
+    async def async_stream_infer(self, session_id: int, *, input_ids: list[int], gen_config: Any) -> Any:
         import asyncio
 
         self.engine.in_flight += 1

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -270,9 +271,14 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
     prov = report.provenance()
     runs = []
     for c in conc:
+        cpu0 = time.process_time()
         lr = asyncio.run(run_load(wl.requests, c, cfg))
         m = aggregate(lr.results, lr.wall_s)
         m["timed_out"] = lr.timed_out
+        # The client's own CPU time over the run: near 1.0 x wall means the (single-threaded) client,
+        # not the server, may be what limits the figure.
+        m["client_cpu_s"] = round(time.process_time() - cpu0, 3)
+        m["client_cpu_per_wall"] = round(m["client_cpu_s"] / lr.wall_s, 3) if lr.wall_s else None
         settings: dict[str, Any] = {
             **engine["settings"],
             "backend": args.backend,

@@ -272,7 +272,7 @@ def run_engine_driver(
                     rec.start = rec.sent = time.perf_counter()
                     n = 0
                     status = None
-                    async for out in inst.async_stream_infer(i + 1, ids[i], gen_config=gen[i]):
+                    async for out in inst.async_stream_infer(i + 1, input_ids=ids[i], gen_config=gen[i]):
                         now = time.perf_counter()
                         status = getattr(out.status, "name", str(out.status))
                         if out.token_ids:
