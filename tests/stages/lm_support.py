@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,8 @@ ENGINE_MIB = 16176  # what the course's nvidia-smi showed for lmdeploy chat with
 FAKE_SMI = r'''#!/usr/bin/env python3
 """nvidia-smi stand-in: the query interface only, output in nvidia-smi's csv,noheader,nounits format."""
 import json, os, sys, time
-state_path = os.environ.get("FAKE_NVIDIA_SMI_STATE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu-state.json")
+here = os.path.dirname(os.path.abspath(__file__))
+state_path = os.environ.get("FAKE_NVIDIA_SMI_STATE") or os.path.join(here, "gpu-state.json")
 args = sys.argv[1:]
 def state():
     with open(state_path) as fh:
@@ -58,7 +60,7 @@ while True:
 
 FAKE_LMDEPLOY = r'''#!/usr/bin/env python3
 """`lmdeploy chat` stand-in: its terminal protocol; holds ENGINE_MIB on fake GPU 0 while it runs."""
-import json, os, sys
+import json, os, sys, time
 here = os.path.dirname(os.path.abspath(__file__))
 state_path = os.environ.get("FAKE_NVIDIA_SMI_STATE") or os.path.join(here, "gpu-state.json")
 def bump(delta):
@@ -75,6 +77,7 @@ if argv[:1] != ["chat"]:
 print("fake-lmdeploy argv=" + json.dumps(argv), flush=True)
 print("fake-lmdeploy tty=%s" % sys.stdin.isatty(), flush=True)
 bump(ENGINE_MIB)
+time.sleep(1.2)  # an engine takes seconds to load: let the 500 ms sampler see it
 rc = 0
 try:
     while True:
@@ -147,3 +150,37 @@ def lmdeploy_python(version: str) -> str:
                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     assert out == version, f"{py} has lmdeploy {out}, wanted {version}"
     return py
+
+
+PARSE_SCRIPT = """
+import contextlib, io, json, sys, warnings
+warnings.simplefilter("ignore")
+from lmdeploy.cli.cli import CLI
+from lmdeploy.cli.lite import SubCliLite
+CLI.add_parsers()
+if "chat" not in CLI.subparsers.choices:  # 0.4.1 adds chat in its entry point
+    CLI.add_parser_chat()
+SubCliLite.add_parsers()
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ns = CLI.parser.parse_args(argv)
+        out.append({"ok": True, "ns": {k: v for k, v in vars(ns).items() if k != "run"}})
+    except SystemExit:
+        out.append({"ok": False, "error": err.getvalue().strip().splitlines()[-1]})
+print(json.dumps(out, default=str))
+"""
+
+
+def parse_with_lmdeploy(version: str, argvs: list[list[str]]) -> list[dict[str, Any]]:
+    """Parse each ``lmdeploy ARGV`` with that version's own argparse parser (nothing runs).
+
+    Each result is ``{"ok": True, "ns": {...}}`` or ``{"ok": False, "error": "lmdeploy: error: ..."}``.
+    """
+    res = subprocess.run([lmdeploy_python(version), "-c", PARSE_SCRIPT, json.dumps(argvs)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out: list[dict[str, Any]] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out

@@ -76,15 +76,17 @@ def test_memory_held_by_others_says_stop_them(tmp_path: Path) -> None:
 
 def test_another_gpu_with_room_is_named(tmp_path: Path) -> None:
     d = smi_dir(tmp_path / "smi", [dict(RTX3060), dict(H100)])
-    with pytest.raises(gpu.GPUCheckError, match=r"GPU 1 \(NVIDIA H100 80GB HBM3\) has 79.6 GiB free.*CUDA_VISIBLE_DEVICES=1"):
+    room = r"GPU 1 \(NVIDIA H100 80GB HBM3\) has 79.6 GiB free.*CUDA_VISIBLE_DEVICES=1"
+    with pytest.raises(gpu.GPUCheckError, match=room):
         gpu.check_stage(_remote(d), "chat")
     assert gpu.check_stage(_remote(d), "chat", gpu_index=1) is not None
-    with pytest.raises(gpu.GPUCheckError, match="has no GPU 2; it has 0 .*, 1 "):
+    with pytest.raises(gpu.GPUCheckError, match=r"has no GPU 2; it has 0 .*, 1 "):
         gpu.check_stage(_remote(d), "chat", gpu_index=2)
 
 
 def test_no_nvidia_smi_is_clear_for_gpu_stages(tmp_path: Path) -> None:
-    with pytest.raises(gpu.NoGPUError, match=r"stage quantize needs an NVIDIA GPU with ~16.5 GiB: localhost has no nvidia-smi"):
+    msg = r"stage quantize needs an NVIDIA GPU with ~16.5 GiB: localhost has no nvidia-smi"
+    with pytest.raises(gpu.NoGPUError, match=msg):
         gpu.check_stage(_remote(None), "quantize")
 
 

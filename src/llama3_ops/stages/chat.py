@@ -105,9 +105,13 @@ def lmdeploy_argv(cfg: ChatConfig, model: HostModel, env: LmdeployEnv) -> list[s
 
 
 def session_command(home: str, report: str, env: LmdeployEnv, argv: list[str], extra_env: dict[str, str]) -> str:
-    """The host command line: the session script, the report path, the env's bin dir, then the chat."""
+    """The host command line: the session script, the report path, the env's bin dir, then the chat.
+
+    ``exec`` replaces the login shell that sshd starts, so Ctrl-C (SIGINT to the terminal's foreground
+    group) meets only the session script, which lets lmdeploy end and still reports.
+    """
     script = f"{home}/{STAGE_FILES_DIR[2:]}/{SESSION_SCRIPT}"
-    cmd = ["sh", script, report, env.bin_dir, "--"]
+    cmd = ["exec", "sh", script, report, env.bin_dir, "--"]
     if extra_env:
         cmd += ["env", *[f"{k}={v}" for k, v in sorted(extra_env.items())]]
     return " ".join(shlex.quote(a) for a in cmd + argv)
