@@ -25,7 +25,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from rich.console import Console
@@ -66,6 +66,13 @@ class StreamlitApp:
     @property
     def script(self) -> str:
         return f"{self.remote_dir}/{PurePosixPath(self.files[0]).name}"
+
+    def write_to(self, directory: Path) -> Path:
+        """Write the app's files into ``directory`` as they are laid out on the host; the script's path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in self.files:
+            (directory / PurePosixPath(name).name).write_bytes(resources.files(PACKAGE).joinpath(name).read_bytes())
+        return directory / PurePosixPath(self.files[0]).name
 
     def digest(self) -> str:
         """sha256 of the app's files: part of the service fingerprint, so new code means a restart."""

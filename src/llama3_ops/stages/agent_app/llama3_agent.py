@@ -32,7 +32,6 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 import llama3_chat as chat  # noqa: E402 - uploaded next to this file
-
 from lagent.actions import ActionExecutor, ArxivSearch, FinishAction  # noqa: E402
 from lagent.agents.react import ReAct, ReActProtocol  # noqa: E402
 from lagent.llms.base_llm import BaseModel  # noqa: E402
@@ -60,7 +59,7 @@ class Llama3LLM(BaseModel):  # type: ignore[misc]
     def chat(self, inputs: list[dict[str, str]], **gen_params: Any) -> str:
         messages = [{"role": m["role"], "content": str(m["content"])} for m in inputs]
         self.prompts.append(chat.build_prompt(self.backend.tokenizer, messages))
-        return chat.complete(self.backend, messages, self.settings, self.stop)
+        return str(chat.complete(self.backend, messages, self.settings, self.stop))
 
     def generate(self, inputs: str | list[str], **gen_params: Any) -> str:
         raise NotImplementedError("Llama3LLM renders chat messages; use chat()")
@@ -84,13 +83,19 @@ def get_backend(choice: chat.BackendChoice) -> chat.Backend:
 
 @st.cache_data(ttl=300, show_spinner="Checking that arxiv.org answers…")
 def arxiv_status() -> tuple[bool, str]:
-    """Can ArxivSearch's API be reached from this host? (same proxies as the arxiv client)."""
+    """Can ArxivSearch work from this host: the arxiv client it calls, and the API it reaches?"""
+    import arxiv
+
+    if not hasattr(arxiv.Search, "results"):
+        version = getattr(arxiv, "__version__", "") or "4 or newer"
+        return False, (f"the installed arxiv package ({version}) removed Search.results, which lagent 0.2's "
+                       "ArxivSearch calls: install arxiv<4 in this env")
     try:
-        with urllib.request.urlopen(ARXIV_PROBE_URL, timeout=8) as resp:  # noqa: S310 - fixed https URL
+        with urllib.request.urlopen(ARXIV_PROBE_URL, timeout=8) as resp:
             resp.read(256)
-            return True, f"HTTP {resp.status}"
+            return True, f"export.arxiv.org answers (HTTP {resp.status})"
     except Exception as exc:  # any failure means the tool will fail the same way
-        return False, f"{type(exc).__name__}: {exc}"
+        return False, f"export.arxiv.org cannot be reached from this host ({type(exc).__name__}: {exc})"
 
 
 def step_record(action: ActionReturn) -> dict[str, Any]:
@@ -148,13 +153,13 @@ def main() -> None:
         temperature = st.slider("Temperature", min_value=0.0, max_value=1.0, value=0.7, step=0.01)
         st.button("Clear Chat History", on_click=clear_history)
     if "ArxivSearch" in plugins:
-        reachable, detail = arxiv_status()
-        if reachable:
-            st.sidebar.success(f"ArxivSearch: arxiv.org answers ({detail})")
+        usable, detail = arxiv_status()
+        if usable:
+            st.sidebar.success(f"ArxivSearch: {detail}")
         else:
             st.warning(
-                f"ArxivSearch cannot reach export.arxiv.org from this host ({detail}). The agent still "
-                "runs; its paper searches will fail and each failure is shown in the agent's steps."
+                f"ArxivSearch will fail: {detail}. The agent still runs; its paper searches fail and "
+                "each failure is shown in the agent's steps."
             )
     try:
         backend = get_backend(chat.backend_choice(args))

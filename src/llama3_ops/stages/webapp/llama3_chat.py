@@ -137,12 +137,15 @@ class LocalBackend:
 
         prompt = build_prompt(self.tokenizer, messages)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
-        budget = new_token_budget(int(inputs["input_ids"].shape[1]), settings)
-        streamer: Any = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        budget = new_token_budget(n_prompt, settings)
+        # No clean-up of "tokenization spaces": it is meant for WordPiece and corrupts BPE text.
+        streamer: Any = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)
         kwargs: dict[str, Any] = {
             **inputs,
             "streamer": streamer,
-            "max_new_tokens": budget,
+            "max_length": n_prompt + budget,  # the course's Max Length: prompt + answer
             "eos_token_id": self.eos_token_ids,
             "pad_token_id": self.pad_token_id,
         }
