@@ -1,0 +1,643 @@
+"""``fab finetune``: the course's self-cognition fine-tune, end to end, resumable, from the laptop.
+
+Replaces the course's ``python tools/gdata.py``, a hand-edited XTuner config with ``/root`` paths,
+``xtuner train``, ``xtuner convert pth_to_hf .../iter_500.pth`` and ``xtuner convert merge`` typed
+in a foreground terminal. Steps, each skipped when a marker says it is done for the same inputs:
+
+1. **data**: the self-cognition dataset (:mod:`llama3_ops.stages.finetune_data`), written to
+   ``~/llama3-course/data/personal_assistant.json``;
+2. **config**: the XTuner config rendered for this host (:mod:`llama3_ops.stages.finetune_config`)
+   into ``~/llama3-course/configs/``;
+3. **train**: ``xtuner train`` as the supervised service ``finetune-train``
+   (:mod:`llama3_ops.services`); progress (iteration, loss, eta) is read from its log into a rich
+   progress bar. Ctrl-C detaches: training goes on, and running the task again follows it. A run
+   that stopped part-way is resumed from its newest checkpoint (``--resume``);
+4. **convert**: ``xtuner convert pth_to_hf`` on the newest ``iter_<N>.pth`` of the work dir
+   (found, not assumed) into ``<work dir>/hf_adapter``;
+5. **merge**: ``xtuner convert merge`` into a temporary directory next to ``~/model/llama3_hf_merged``
+   (what ``fab serve --model merged`` serves); the merged model is loaded and asked the evaluation
+   question, and only then renamed into place with a ready marker (``.llama3-ops-ready.json``).
+   A failure anywhere before leaves the previous merged model, if any, as it was.
+
+The trainer is XTuner's own ``tools/train.py`` run as ``python -m xtuner.tools.train`` (what
+``xtuner train`` runs in a child process, but with its exit status: the ``xtuner`` CLI exits 0 even
+when training fails). The same holds for the two converters.
+
+On a CPU host (the cpu profile) the stage uses :meth:`TrainParams.for_cpu`: plain LoRA instead of
+QLoRA and a few iterations, and puts ``finetune_files/cpu_compat`` on the PYTHONPATH of the XTuner
+commands (an import-only torchvision stand-in, and a SupervisedFinetune that builds without CUDA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from llama3_ops import services
+from llama3_ops.remote_files import put_text
+from llama3_ops.serve import MODELS
+from llama3_ops.services import Remote, ServiceSpec, ServiceStatus
+from llama3_ops.stages import finetune_log
+from llama3_ops.stages.finetune_config import (
+    AGENT_FLAN,
+    COURSE,
+    ConfigError,
+    ConfigInputs,
+    TrainParams,
+    render,
+)
+from llama3_ops.stages.finetune_data import SelfCognition
+from llama3_ops.stages.gpu import GPUCheckError, NoGPUError, check_disk, check_stage, query_gpus
+
+PACKAGE = "llama3_ops.stages"
+COURSE_DIR = "~/llama3-course"
+DEFAULT_ENV_BIN = "~/envs/llama3/bin"
+READY_MARKER = ".llama3-ops-ready.json"
+RUN_MARKER = ".llama3-ops-run.json"
+TRAIN_DONE = ".llama3-ops-train-done.json"
+CONVERT_DONE = ".llama3-ops-convert-done.json"
+# Host-side helpers, uploaded to <course dir>/scripts/finetune/.
+HOST_FILES = (
+    "cpu_compat/llama3_xtuner_cpu.py",
+    "torchvision_standin/torchvision/__init__.py",
+    "torchvision_standin/torchvision/transforms/__init__.py",
+    "torchvision_standin/torchvision/transforms/functional.py",
+    "check_merged.py",
+    "convert_agentflan.py",
+)
+Device = Literal["auto", "gpu", "cpu"]
+
+
+class FinetuneError(RuntimeError):
+    """A bad input or a failed step, as one clear message; nothing half-done is marked complete."""
+
+
+class FinetuneDetached(Exception):
+    """The user stopped following; the step's service keeps running on the host."""
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    home: str
+    course_dir: str  # absolute
+    profile: str
+    env_bin: str  # absolute bin dir of the llama3 env
+    service_manager: str = ""
+
+    def expand(self, path: str) -> str:
+        if path == "~":
+            return self.home
+        return self.home.rstrip("/") + path[1:] if path.startswith("~/") else path
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fine-tune stage: its data, config inputs and output paths (finetune, agent-finetune)."""
+
+    name: str  # service and work dir prefix
+    fab_task: str
+    stage: str  # key in stage_requirements.yml
+    course_config: str
+    config_name: str  # file name under <course dir>/configs (GPU; CPU runs add _cpu)
+    params: TrainParams
+    merged: str  # ~/... path of the merged model
+    system: str
+    evaluation_inputs: tuple[str, ...]
+    dataset_format: Literal["json", "disk"]
+    dataset_map_fn: str | None
+    # Puts the dataset on the host; returns (absolute data path, digest of its content).
+    prepare_data: Callable[[Remote, HostInfo, Console], tuple[str, str]]
+
+    def work_dir(self, host: HostInfo) -> str:
+        return f"{host.course_dir}/work_dirs/{self.name}"
+
+    def service(self, step: str) -> str:
+        return f"{self.name}-{step}"
+
+
+@dataclass
+class FinetuneResult:
+    merged_path: str
+    checkpoint: str
+    adapter: str
+    params: TrainParams
+    eval_answer: str | None  # XTuner's EvaluateChatHook, after training (from the log)
+    merged_answer: str | None  # the merged model's answer to the same question
+    skipped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- host facts
+
+
+def read_host(remote: Remote, env_bin: str | None = None) -> HostInfo:
+    """Home, course dir, profile and the llama3 env, from ``~/llama3-course/host.json`` (provisioning)."""
+    res = remote.run(f'printf "%s\\n" "$HOME"; cat "$HOME"/{COURSE_DIR[2:]}/host.json 2>/dev/null', timeout=30)
+    home, _, rest = res.stdout.partition("\n")
+    facts: dict[str, Any] = {}
+    if rest.strip():
+        try:
+            facts = json.loads(rest)
+        except json.JSONDecodeError as exc:
+            raise FinetuneError(f"{remote.label}: {COURSE_DIR}/host.json is not JSON ({exc})") from exc
+    else:
+        raise FinetuneError(
+            f"{remote.label} has no {COURSE_DIR}/host.json: provision it first (fab provision), which creates "
+            "the course workspace and the llama3 env"
+        )
+    envs = facts.get("envs") or {}
+    bin_dir = env_bin or envs.get("llama3") or DEFAULT_ENV_BIN
+    info = HostInfo(
+        home=home.strip(),
+        course_dir=str(facts.get("course_dir") or ""),
+        profile=str(facts.get("profile") or ""),
+        env_bin="",
+        service_manager=str(facts.get("service_manager") or ""),
+    )
+    return replace(info, course_dir=info.expand(info.course_dir or COURSE_DIR), env_bin=info.expand(bin_dir))
+
+
+def choose_device(remote: Remote, host: HostInfo, device: Device) -> Literal["gpu", "cpu"]:
+    """``auto``: the GPU when ``nvidia-smi`` answers, else CPU (a cpu-profile host always gets CPU)."""
+    if device != "auto":
+        return device
+    if host.profile == "cpu":
+        return "cpu"
+    try:
+        query_gpus(remote)
+    except NoGPUError:
+        return "cpu"
+    return "gpu"
+
+
+def check_base_model(remote: Remote, host: HostInfo, model: str) -> str:
+    path = host.expand(MODELS.get(model, model))
+    script = (
+        f"m={shlex.quote(path)}\n"
+        '[ -d "$m" ] || { echo "missing"; exit 0; }\n'
+        '[ -f "$m/config.json" ] || { echo "noconfig"; exit 0; }\n'
+        'ls "$m" | grep -Eq "\\.(safetensors|bin)$" || { echo "noweights"; exit 0; }\n'
+        "echo ok\n"
+    )
+    state = remote.run(script, timeout=30).stdout.strip()
+    why = {
+        "missing": "does not exist",
+        "noconfig": "has no config.json (not a Hugging Face model directory)",
+        "noweights": "has no *.safetensors or *.bin weights (an interrupted download? git lfs pull)",
+    }
+    if state != "ok":
+        raise FinetuneError(
+            f"base model {path} on {remote.label} {why.get(state, state)}: the fine-tune needs it. "
+            "Provision the host (fab provision downloads the model there) or pass --base-model PATH."
+        )
+    return path
+
+
+def check_env(remote: Remote, host: HostInfo, standin_dir: str) -> bool:
+    """The llama3 env can run XTuner; returns whether the env's own torchvision imports.
+
+    When it does not (the cpu profile: PyPI has no CPU torchvision), XTuner is tried with the
+    torchvision stand-in in ``standin_dir`` first on the path, as the fine-tune steps will run it.
+    """
+    py = f"{host.env_bin}/python"
+    script = (
+        f"py={shlex.quote(py)}\n"
+        '[ -x "$py" ] || { echo "nopython"; exit 0; }\n'
+        'if "$py" -c "import torchvision" >/dev/null 2>&1; then echo tv=1; pp=; else echo tv=0; '
+        f"pp={shlex.quote(standin_dir)}; fi\n"
+        'PYTHONPATH="$pp" "$py" -c "import xtuner, mmengine, peft, datasets; '
+        "print('xtuner=' + xtuner.__version__)\" 2>&1 | tail -n 3\n"
+    )
+    out = remote.run(script, timeout=300).stdout
+    if "nopython" in out:
+        raise FinetuneError(
+            f"{py} does not exist on {remote.label}: the llama3 env is missing (fab provision creates it)"
+        )
+    if "xtuner=" not in out:
+        last = out.strip().splitlines()[-1] if out.strip() else "no output"
+        raise FinetuneError(
+            f"XTuner does not import in {host.env_bin} on {remote.label}: {last}. "
+            "Provision again (the profile's llama3 env installs xtuner)."
+        )
+    return "tv=1" in out
+
+
+# --------------------------------------------------------------------------- following a service
+
+
+def _exit_ok(st: ServiceStatus) -> bool:
+    return (st.exit_status or "").strip() == "0"
+
+
+def wait_service(
+    remote: Remote,
+    name: str,
+    console: Console,
+    *,
+    what: str,
+    on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
+    poll: float = 2.0,
+    timeout: float | None = None,
+) -> ServiceStatus:
+    """Follow a one-shot service until it ends; a rich bar from ``Iter(train)`` lines, else a spinner.
+
+    Raises :class:`FinetuneError` (with the last log lines) when it ends with a non-zero status, and
+    :class:`FinetuneDetached` on Ctrl-C (the service keeps running).
+    """
+    start = time.monotonic()
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    last: finetune_log.IterProgress | None = None
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(what, total=None, detail="starting")
+            while True:
+                st = services.status(remote, name, log_lines=60)
+                p = finetune_log.last_progress(st.log_tail)
+                if p is not None and p != last:
+                    last = p
+                    detail = " ".join(x for x in (
+                        f"loss {p.loss:.4f}" if p.loss is not None else "",
+                        f"eta {p.eta}" if p.eta else "",
+                    ) if x)
+                    progress.update(task, total=p.total, completed=p.iteration, detail=detail)
+                    if on_progress is not None:
+                        on_progress(p)
+                elif last is None and st.log_tail:
+                    progress.update(task, detail=st.log_tail[-1].strip()[-60:])
+                if not st.running:
+                    break
+                if timeout is not None and time.monotonic() - start > timeout:
+                    services.stop(remote, name)
+                    raise FinetuneError(f"{what} did not finish within {timeout:.0f}s; stopped it", )
+                time.sleep(poll)
+    except KeyboardInterrupt:
+        raise FinetuneDetached(
+            f"stopped following {what}: it goes on on {remote.label} as service {name} "
+            f"(log: fab logs {name}); run the task again to follow it"
+        ) from None
+    st = services.status(remote, name, log_lines=40)
+    if not _exit_ok(st):
+        tail = "\n".join(f"    {line}" for line in st.log_tail[-25:])
+        code = st.exit_status or "none recorded (killed?)"
+        raise FinetuneError(f"{what} failed on {remote.label} (exit status {code}); last log lines:\n{tail}")
+    return st
+
+
+def run_step(
+    remote: Remote,
+    spec: ServiceSpec,
+    console: Console,
+    *,
+    what: str,
+    on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
+    timeout: float | None = None,
+) -> ServiceStatus:
+    """Start ``spec`` (or attach when it already runs with the same settings) and wait for it."""
+    cur = services.status(remote, spec.name, log_lines=0)
+    if cur.running and cur.fingerprint != spec.fingerprint():
+        raise FinetuneError(
+            f"service {spec.name} on {remote.label} is running with other settings ({cur.command}); "
+            f"stop it first (fab down {spec.name}) or wait for it"
+        )
+    st, started = services.start(remote, spec)
+    console.print(f"{'started' if started else 'following the running'} {what}: {spec.display()}")
+    console.print(f"  log on the host: {st.log_path}")
+    return wait_service(remote, spec.name, console, what=what, on_progress=on_progress, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_json(remote: Remote, path: str) -> dict[str, Any] | None:
+    res = remote.run(f"cat {shlex.quote(path)} 2>/dev/null", timeout=30, check=False)
+    if res.rc != 0 or not res.stdout.strip():
+        return None
+    try:
+        data = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def list_checkpoints(remote: Remote, work_dir: str) -> list[str]:
+    res = remote.run(f"ls -1 {shlex.quote(work_dir)} 2>/dev/null", timeout=30, check=False)
+    return [n for n in res.stdout.split() if finetune_log.checkpoint_iteration(n) is not None]
+
+
+def upload_host_files(remote: Remote, host: HostInfo) -> str:
+    """Put the host-side helpers in ``<course dir>/scripts/finetune``; returns that directory."""
+    base = f"{host.course_dir}/scripts/finetune"
+    for name in HOST_FILES:
+        text = resources.files(PACKAGE).joinpath(f"finetune_files/{name}").read_text(encoding="utf-8")
+        put_text(remote, f"{base}/{name}", text)
+    return base
+
+
+def step_env(host: HostInfo, compat_dir: str | None) -> dict[str, str]:
+    env = {
+        "PATH": f"{host.env_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        # Every path in the config is local: never reach for the Hub.
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MKL_SERVICE_FORCE_INTEL": "1",  # as the course sets it before merging
+        "PYTHONUNBUFFERED": "1",
+    }
+    if compat_dir:
+        env["PYTHONPATH"] = compat_dir
+    return env
+
+
+def _detail_params(params: TrainParams) -> str:
+    quant = "QLoRA NF4" if params.quantization == "nf4" else "LoRA (no quantization)"
+    length = f"{params.max_iters} iterations" if params.max_iters else f"{params.max_epochs} epochs"
+    return (f"{quant} r={params.lora_r} alpha={params.lora_alpha}, max_length {params.max_length}"
+            f"{' packed' if params.pack_to_max_length else ''}, batch {params.batch_size} x "
+            f"{params.accumulative_counts}, {length}, lr {params.lr:g}, save every {params.save_steps}, "
+            f"{params.torch_dtype}")
+
+
+def run(
+    remote: Remote,
+    job: Job,
+    *,
+    base_model: str = "base",
+    device: Device = "auto",
+    params: TrainParams | None = None,
+    cpu_iters: int = 4,
+    env_bin: str | None = None,
+    console: Console | None = None,
+    on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
+    train_timeout: float | None = None,
+) -> FinetuneResult:
+    """Run ``job`` on the host through train -> convert -> merge, skipping what is already done."""
+    console = console or Console(stderr=True)
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    skipped: list[str] = []
+    host = read_host(remote, env_bin)
+    where = choose_device(remote, host, device)
+    p = params or job.params
+    if where == "cpu" and not p.on_cpu:
+        p = p.for_cpu(max_iters=cpu_iters)
+        console.print(
+            "[yellow]CPU host:[/] plain LoRA on fp32 weights instead of QLoRA (bitsandbytes' NF4 needs CUDA), "
+            f"{p.max_iters} iterations instead of {job.params.max_epochs} epochs, no fp16 AMP"
+        )
+    try:
+        p.validate()
+    except ConfigError as exc:
+        raise FinetuneError(str(exc)) from exc
+    if where == "gpu":
+        try:
+            gpu = check_stage(remote, job.stage)
+            check_disk(remote, job.stage, "~/model")
+        except GPUCheckError as exc:
+            raise FinetuneError(str(exc)) from exc
+        if gpu is not None:
+            console.print(f"GPU {gpu.index} ({gpu.name}): {gpu.free_gib:.1f} GiB free")
+    model_path = check_base_model(remote, host, base_model)
+    scripts = upload_host_files(remote, host)
+    standin = f"{scripts}/torchvision_standin"
+    torchvision_ok = check_env(remote, host, standin)
+    if not torchvision_ok and not p.on_cpu:
+        raise FinetuneError(
+            f"torchvision does not import in {host.env_bin} on {remote.label}, and a GPU run needs the real one "
+            "(install the torchvision build that matches the env's torch)"
+        )
+    # CPU runs: CPUSupervisedFinetune (cpu_compat), and the torchvision stand-in only when the real
+    # torchvision does not import.
+    pythonpath = [f"{scripts}/cpu_compat"] if p.on_cpu else []
+    if not torchvision_ok:
+        pythonpath.append(standin)
+    console.print(f"[bold]{job.fab_task}[/] on {remote.label}: {_detail_params(p)}")
+
+    # 1. data
+    t = time.monotonic()
+    data_path, data_digest = job.prepare_data(remote, host, console)
+    timings["data"] = time.monotonic() - t
+
+    # 2. config
+    cpu_suffix = "_cpu" if p.on_cpu else ""
+    config_path = f"{host.course_dir}/configs/{job.config_name}{cpu_suffix}.py"
+    inputs = ConfigInputs(
+        name=job.name, fab_task=job.fab_task, course_config=job.course_config, model_path=model_path,
+        data_path=data_path, dataset_format=job.dataset_format, dataset_map_fn=job.dataset_map_fn,
+        system=job.system, evaluation_inputs=job.evaluation_inputs,
+    )
+    try:
+        config_text = render(inputs, p)
+    except ConfigError as exc:
+        raise FinetuneError(str(exc)) from exc
+    put_text(remote, config_path, config_text)
+    run_fp = _sha(config_text + "\0" + data_digest)[:16]
+    work_dir = job.work_dir(host)
+    env = step_env(host, ":".join(pythonpath) or None)
+    py = f"{host.env_bin}/python"
+
+    # 3. train
+    t = time.monotonic()
+    train_name = job.service("train")
+    marker = read_json(remote, f"{work_dir}/{RUN_MARKER}")
+    running = services.status(remote, train_name, log_lines=0)
+    if marker is not None and marker.get("run") != run_fp and not running.running:
+        aside = f"{work_dir}.prev"
+        remote.run(f"rm -rf {shlex.quote(aside)}; mv {shlex.quote(work_dir)} {shlex.quote(aside)}", timeout=120)
+        console.print(f"new settings or data: the previous work dir was moved to {aside}")
+        marker = None
+    remote.run(f"mkdir -p {shlex.quote(work_dir)}", timeout=30)
+    if marker is None:
+        put_text(remote, f"{work_dir}/{RUN_MARKER}", json.dumps(
+            {"run": run_fp, "config": config_path, "data": data_path, "params": _detail_params(p)}) + "\n")
+    done = read_json(remote, f"{work_dir}/{TRAIN_DONE}")
+    if done is not None and done.get("run") == run_fp:
+        skipped.append("train")
+        console.print(f"training already finished ({done.get('checkpoint')}): skipped")
+    else:
+        if running.running:
+            console.print(f"training is running on {remote.label}: following it")
+            st = wait_service(remote, train_name, console, what="training", on_progress=on_progress,
+                              timeout=train_timeout)
+        else:
+            ckpts = list_checkpoints(remote, work_dir)
+            latest = finetune_log.latest_checkpoint(ckpts)
+            argv = [py, "-m", "xtuner.tools.train", config_path, "--work-dir", work_dir]
+            if latest:
+                argv += ["--resume", f"{work_dir}/{latest}"]
+                console.print(f"resuming from {latest} (the newest checkpoint in {work_dir})")
+            spec = ServiceSpec(name=train_name, argv=tuple(argv), env=env, cwd=host.course_dir)
+            st = run_step(remote, spec, console, what="training", on_progress=on_progress, timeout=train_timeout)
+        latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
+        if latest is None:
+            raise FinetuneError(f"training ended but {work_dir} holds no iter_<N>.pth checkpoint")
+        final = finetune_log.last_progress(services.logs(remote, train_name, lines=400).splitlines())
+        if final is not None and finetune_log.checkpoint_iteration(latest) != final.total:
+            raise FinetuneError(
+                f"training ended at {latest}, but the run has {final.total} iterations: not complete "
+                "(run the task again to resume)"
+            )
+        put_text(remote, f"{work_dir}/{TRAIN_DONE}", json.dumps(
+            {"run": run_fp, "checkpoint": latest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        del st
+    timings["train"] = time.monotonic() - t
+    train_log = services.logs(remote, train_name, lines=2000).splitlines()
+    sample = finetune_log.final_answer(train_log)
+    eval_answer = sample.answer if sample else None
+
+    # 4. convert the newest checkpoint
+    t = time.monotonic()
+    latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
+    if latest is None:
+        raise FinetuneError(f"{work_dir} holds no iter_<N>.pth checkpoint to convert")
+    ckpt = f"{work_dir}/{latest}"
+    adapter = f"{work_dir}/hf_adapter"
+    conv = read_json(remote, f"{work_dir}/{CONVERT_DONE}")
+    if conv is not None and conv.get("run") == run_fp and conv.get("checkpoint") == latest:
+        skipped.append("convert")
+        console.print(f"adapter already converted from {latest}: skipped")
+    else:
+        tmp = f"{adapter}.tmp"
+        remote.run(f"rm -rf {shlex.quote(tmp)} {shlex.quote(work_dir)}/{CONVERT_DONE}", timeout=60)
+        argv = [py, "-m", "xtuner.tools.model_converters.pth_to_hf", config_path, ckpt, tmp]
+        run_step(remote, ServiceSpec(name=job.service("convert"), argv=tuple(argv), env=env, cwd=host.course_dir),
+                 console, what=f"pth_to_hf {latest}")
+        remote.run(
+            f"set -e; test -f {shlex.quote(tmp)}/adapter_config.json; rm -rf {shlex.quote(adapter)}; "
+            f"mv {shlex.quote(tmp)} {shlex.quote(adapter)}",
+            timeout=120,
+        )
+        put_text(remote, f"{work_dir}/{CONVERT_DONE}", json.dumps({"run": run_fp, "checkpoint": latest}) + "\n")
+    timings["convert"] = time.monotonic() - t
+
+    # 5. merge, check, then rename into place with the ready marker
+    t = time.monotonic()
+    merged = host.expand(job.merged)
+    ready = read_json(remote, f"{merged}/{READY_MARKER}")
+    merged_answer: str | None = None
+    if ready is not None and ready.get("run") == run_fp and ready.get("checkpoint") == latest:
+        skipped.append("merge")
+        merged_answer = ready.get("answer")
+        console.print(f"{merged} is already merged from {latest}: skipped")
+    else:
+        tmp = f"{merged}.tmp-llama3-ops"
+        remote.run(f"rm -rf {shlex.quote(tmp)}; mkdir -p {shlex.quote(merged.rsplit('/', 1)[0])}", timeout=120)
+        argv = [py, "-m", "xtuner.tools.model_converters.merge", model_path, adapter, tmp,
+                "--max-shard-size", "2GB", "--safe-serialization", "--device", "cuda" if where == "gpu" else "cpu"]
+        run_step(remote, ServiceSpec(name=job.service("merge"), argv=tuple(argv), env=env, cwd=host.course_dir),
+                 console, what="merge")
+        question = job.evaluation_inputs[0]
+        check_argv = [py, f"{scripts}/check_merged.py", tmp, "--question", question, "--system", job.system,
+                      "--max-new-tokens", "32" if where == "cpu" else "64"]
+        run_step(remote, ServiceSpec(name=job.service("check"), argv=tuple(check_argv), env=env,
+                                     cwd=host.course_dir), console, what="load check of the merged model")
+        out = services.logs(remote, job.service("check"), lines=50).splitlines()
+        result = next((json.loads(line) for line in reversed(out) if line.startswith("{\"answer\"")), None)
+        if result is None:
+            raise FinetuneError(f"the load check of {tmp} printed no answer:\n" + "\n".join(out[-15:]))
+        merged_answer = str(result["answer"])
+        marker_text = json.dumps({
+            "run": run_fp, "checkpoint": latest, "adapter": adapter, "base": model_path, "answer": merged_answer,
+            "question": question, "parameters": result.get("parameters"), "dtype": result.get("dtype"),
+            "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, ensure_ascii=False) + "\n"
+        put_text(remote, f"{tmp}/{READY_MARKER}", marker_text)
+        q_m, q_t = shlex.quote(merged), shlex.quote(tmp)
+        remote.run(
+            f"set -e; old={q_m}.old-$$; if [ -e {q_m} ]; then mv {q_m} \"$old\"; fi; mv {q_t} {q_m}; "
+            'rm -rf "$old"',
+            timeout=600,
+        )
+    timings["merge"] = time.monotonic() - t
+    timings["total"] = time.monotonic() - t0
+
+    console.print(f"[green]done[/]: {merged} (from {latest}); serve it with `fab serve --model merged`")
+    if eval_answer is not None:
+        console.print(f"XTuner's evaluation after training ({job.evaluation_inputs[0]!r}): {eval_answer!r}")
+    if merged_answer is not None:
+        console.print(f"the merged model answers: {merged_answer!r}")
+    return FinetuneResult(
+        merged_path=merged, checkpoint=ckpt, adapter=adapter, params=p, eval_answer=eval_answer,
+        merged_answer=merged_answer, skipped=skipped, timings=timings,
+    )
+
+
+def merged_ready(remote: Remote, path: str = MODELS["merged"]) -> dict[str, Any] | None:
+    """The ready marker of a merged model (``None``: absent, or not marked ready)."""
+    home = services.remote_home(remote)
+    full = home.rstrip("/") + path[1:] if path.startswith("~/") else path
+    return read_json(remote, f"{full}/{READY_MARKER}")
+
+
+# --------------------------------------------------------------------------- the self-cognition job
+
+
+def self_cognition_job(data: SelfCognition | None = None, params: TrainParams = COURSE) -> Job:
+    d = data or SelfCognition()
+
+    def prepare(remote: Remote, host: HostInfo, console: Console) -> tuple[str, str]:
+        text = d.json_text()
+        path = f"{host.course_dir}/data/personal_assistant.json"
+        digest = _sha(text)
+        cur = remote.run(f"sha256sum {shlex.quote(path)} 2>/dev/null", timeout=60, check=False).stdout.split()
+        if cur and cur[0] == digest:
+            console.print(f"dataset {path}: {d.count} records, unchanged")
+        else:
+            put_text(remote, path, text)
+            console.print(f"dataset {path}: {d.count} records of {d.name!r}")
+        return path, digest
+
+    return Job(
+        name="finetune", fab_task="finetune", stage="finetune",
+        course_config="configs/assistant/llama3_8b_instruct_qlora_assistant.py",
+        config_name="llama3_8b_instruct_qlora_assistant", params=params, merged=MODELS["merged"],
+        system=d.system, evaluation_inputs=(d.question,), dataset_format="json", dataset_map_fn=None,
+        prepare_data=prepare,
+    )
+
+
+def run_finetune(
+    remote: Remote,
+    *,
+    name: str = "SmartFlowAI",
+    count: int = 2000,
+    system: str | None = None,
+    maker: str | None = None,
+    base_model: str = "base",
+    device: Device = "auto",
+    cpu_iters: int = 4,
+    console: Console | None = None,
+    on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
+) -> FinetuneResult:
+    """``fab finetune``: self-cognition data for ``name`` -> train -> convert -> merge."""
+    data = SelfCognition(name=name, count=count, **({"system": system} if system is not None else {}),
+                         **({"maker": maker} if maker is not None else {}))
+    try:
+        data.validate()
+    except ValueError as exc:
+        raise FinetuneError(str(exc)) from exc
+    return run(remote, self_cognition_job(data), base_model=base_model, device=device, cpu_iters=cpu_iters,
+               console=console, on_progress=on_progress)
+
+
+def tiny_cpu_finetune(remote: Remote, console: Console | None = None) -> FinetuneResult:
+    """The demo's fine-tune: 50 records, 4 LoRA iterations on CPU, merged into ~/model/llama3_hf_merged."""
+    return run_finetune(remote, count=50, device="cpu", cpu_iters=4, console=console)
+
+
+__all__: Sequence[str] = (
+    "AGENT_FLAN", "COURSE", "FinetuneDetached", "FinetuneError", "FinetuneResult", "HostInfo", "Job",
+    "merged_ready", "read_host", "run", "run_finetune", "self_cognition_job", "tiny_cpu_finetune",
+)
