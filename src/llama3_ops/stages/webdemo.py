@@ -143,6 +143,8 @@ def build_spec(app: StreamlitApp, cfg: StreamlitConfig, home: str) -> ServiceSpe
         "none",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",  # no "Deploy" button: this app is private to the tunnel
         "--",
         *app_args,
         *cfg.extra_args,
