@@ -189,9 +189,8 @@ async def _visit(devtools: str, url: str, name: str, ready_text: str, chat: str 
                                     windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
                                     **({"text": "\r"} if kind == "keyDown" else {}))
                 # Both messages on the page, the answer has text, and the script run is over.
-                await page.wait_for(
-                    f"(() => {{ const m = {MESSAGES_JS.strip()}; return m.length >= 2 && m[1].text.trim().length > 0; }})()",
-                    timeout, "the user's message and the assistant's answer")
+                answered = f"(m => m.length >= 2 && !!m[1].text.trim())({MESSAGES_JS.strip()})"
+                await page.wait_for(answered, timeout, "the user's message and the assistant's answer")
                 await page.wait_for(f"!({RUNNING_JS})", timeout, "the end of the script run")
             await asyncio.sleep(1.0)  # let the last frame paint
             png = await page.screenshot(ARTIFACTS / f"{name}.png")
@@ -240,7 +239,8 @@ def local_webdemo(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--model", str(tiny_model), "--max-length", "40"],
+         "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+         "--", "--model", str(tiny_model), "--max-length", "40"],
         stdout=log, stderr=subprocess.STDOUT, cwd=script.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
