@@ -39,12 +39,18 @@ def agent_config(
     api_key: str | None = None,
     env_bin_dir: str = "~/envs/llama3/bin",
     max_turn: int = 4,
+    max_new_tokens: int = 512,
+    env: dict[str, str] | None = None,
 ) -> StreamlitConfig:
-    """The agent's :class:`StreamlitConfig`: ``max_turn`` LLM calls per question (lagent's default 4)."""
+    """The agent's :class:`StreamlitConfig`: ``max_turn`` LLM calls per question (lagent's default 4),
+    ``max_new_tokens`` per call (the slider's start value), ``env`` for the app (e.g. ``https_proxy``)."""
     if max_turn < 1:
         raise StageError(f"max_turn must be at least 1, got {max_turn}")
+    if not 8 <= max_new_tokens <= 2048:
+        raise StageError(f"max_new_tokens must be in 8..2048 (the slider's range), got {max_new_tokens}")
     return StreamlitConfig(model=model, backend=backend, port=port, api_port=api_port,  # type: ignore[arg-type]
-                           api_key=api_key, env_bin_dir=env_bin_dir, extra_args=("--max-turn", str(max_turn)))
+                           api_key=api_key, env_bin_dir=env_bin_dir, env=dict(env or {}),
+                           extra_args=("--max-turn", str(max_turn), "--max-new-tokens", str(max_new_tokens)))
 
 
 def agent(

@@ -4,7 +4,7 @@
     streamlit run llama3_agent.py -- --backend api --api-url http://127.0.0.1:23333 --model DIR
 
 Options also come from ``LLAMA3_AGENT_BACKEND``, ``..._MODEL``, ``..._API_URL``, ``..._API_MODEL``,
-``..._MAX_TURN``; the API key only from ``LLAMA3_OPS_API_KEY``.
+``..._MAX_TURN``, ``..._MAX_LENGTH``, ``..._MAX_NEW_TOKENS``; the API key only from ``LLAMA3_OPS_API_KEY``.
 
 lagent 0.2.x supplies the agent (``ReAct``, its protocol and ``ActionExecutor``) and the tools
 (``ArxivSearch``, ``FinishAction``). The LLM is not lagent's ``HFTransformerCasualLM``: that one calls
@@ -72,6 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="LLM calls per question before the agent gives up (lagent's ReAct default: 4)")
     p.add_argument("--max-length", type=int, default=int(os.environ.get(ENV_PREFIX + "MAX_LENGTH", "8192")),
                    help="the model's context: prompt + answer tokens")
+    p.add_argument("--max-new-tokens", type=int,
+                   default=int(os.environ.get(ENV_PREFIX + "MAX_NEW_TOKENS", "512")),
+                   help="the per-step answer slider's start value (lagent's default: 512)")
     return p.parse_args(argv)
 
 
@@ -148,7 +151,8 @@ def main() -> None:
     st.session_state.setdefault("last_prompts", [])
     with st.sidebar:
         plugins = st.multiselect("Plugins", list(TOOLS), default=list(TOOLS))
-        max_new = st.slider("Max New Tokens (per step)", min_value=8, max_value=2048, value=512)
+        max_new = st.slider("Max New Tokens (per step)", min_value=8, max_value=2048,
+                            value=min(max(8, args.max_new_tokens), 2048))
         top_p = st.slider("Top P", min_value=0.0, max_value=1.0, value=0.8, step=0.01)
         temperature = st.slider("Temperature", min_value=0.0, max_value=1.0, value=0.7, step=0.01)
         st.button("Clear Chat History", on_click=clear_history)
