@@ -89,7 +89,8 @@ def test_dataset_names_per_version() -> None:
     awq_offline.check_dataset_name("ptb", "0.4.1")
     with pytest.raises(awq_offline.CalibrationError, match=r"lmdeploy 0.18.0 accepts .*not 'ptb' \(ptb needs the Hub"):
         awq_offline.check_dataset_name("ptb", "0.18.0")
-    with pytest.raises(awq_offline.CalibrationError, match="lmdeploy 0.4.1 accepts the calibration sets c4, ptb, wikitext2, pileval, not .gsm8k."):
+    msg = r"lmdeploy 0.4.1 accepts the calibration sets c4, ptb, wikitext2, pileval, not .gsm8k."
+    with pytest.raises(awq_offline.CalibrationError, match=msg):
         awq_offline.check_dataset_name("gsm8k", "0.4.1")
 
 
@@ -195,7 +196,7 @@ def test_missing_model_and_env(tmp_path: Path, small_model: Path) -> None:
     shutil.copytree(small_model, home / "model" / "Meta-Llama-3-8B-Instruct")
     with pytest.raises(ModelError, match="no lmdeploy environment"):
         quantize.plan(remote, quantize.QuantizeConfig(env_bin_dir="~/none"))
-    with pytest.raises(quantize.QuantizeError, match="calibration file .* is not UTF-8 text"):
+    with pytest.raises(quantize.QuantizeError, match=r"calibration file .* is not UTF-8 text"):
         (tmp_path / "b.txt").write_bytes(b"\xff\xfe")
         quantize.plan(remote, quantize.QuantizeConfig(env_bin_dir=str(tmp_path / "env" / "bin"), check_gpu=False,
                                                       calib_file=tmp_path / "b.txt"))
