@@ -13,6 +13,8 @@ WORKLOAD=${WORKLOAD:-gpu/sharegpt-2000-seed0.json}
 mkdir -p "$WORK/results"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 log() { echo "[$(date +%T)] $*"; }
+# GPU utilisation and memory once a second while a phase runs (is the GPU the limit?).
+gpu_sampler() { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 > "$1" 2>&1 & echo $!; }
 
 case ${1:?phase} in
   setup)
@@ -29,18 +31,21 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
   offline)
     name=$2; shift 2
     log "offline $name: $*"
+    sampler=$(gpu_sampler "$WORK/results/gpu-util-offline-$name.csv")
     python3 -m llama3_ops.bench offline --model "$MODEL" --backend pytorch --dataset "workload:$WORKLOAD" \
       --num-prompts 2000 --profile current --no-progress --out "$WORK/results/offline-$name" "$@" \
       2>&1 | tee "$WORK/results/offline-$name.log" | grep -vE "^\s*$" | tail -25 &
     pid=$!
     (sleep 70; top -b -n 1 -w 200 | head -25 > "$WORK/results/top-offline-$name.txt") &
-    wait $pid ;;
+    wait $pid
+    kill "$sampler" 2>/dev/null || true ;;
   serve)
     name=$2; shift 2
     log "serve $name: $*"
     python3 -m llama3_ops.serve --local up --engine lmdeploy --backend pytorch --model "$PWD/$MODEL" \
       --env-bin-dir /tmp/site/bin --env "PYTHONPATH=$PYTHONPATH" "$@" 2>&1 | tee "$WORK/results/serve-$name.log" | tail -5
     model_id=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
+    sampler=$(gpu_sampler "$WORK/results/gpu-util-online-$name.csv")
     for c in ${CONCURRENCY:-256 512}; do
       # Who uses the CPU mid-run (engine process, API process, our client).
       (sleep 25; top -b -n 1 -w 200 | head -25 > "$WORK/results/top-$name-c$c.txt") &
@@ -49,6 +54,7 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
         --engine lmdeploy --backend pytorch --engine-version 0.18.0 --out "$WORK/results/online-$name-c$c" \
         $SETTINGS 2>&1 | tee "$WORK/results/online-$name-c$c.log" | grep -vE "^\s*$" | tail -20
     done
+    kill "$sampler" 2>/dev/null || true
     cp "$HOME/.local/state/llama3-ops/logs/llm.log" "$WORK/results/server-$name.log" 2>/dev/null || true
     python3 -m llama3_ops.serve --local stop 2>&1 | tail -2 ;;
   pack)
