@@ -1,0 +1,167 @@
+"""``fab llava``: what runs without a GPU. Image checks and upload, the LLaVA format / env rules, the
+``--no-deps`` install command, the GPU preflight, and the host script against lmdeploy 0.4.1's and
+0.18's real API (``--dry-run``: loads the image and builds the engine configs, starts no engine).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llama3_ops.services import LocalRemote
+from llama3_ops.stages import llava
+from llama3_ops.stages.gpu import GPUCheckError
+from llama3_ops.stages.lm_models import LmdeployEnv
+
+from .lm_support import RTX3060, base_path, fake_env, lmdeploy_python
+
+ENV18 = LmdeployEnv("/e/bin", "0.18.0", "/e/bin/python")
+ENV041 = LmdeployEnv("/e/bin", "0.4.1", "/e/bin/python")
+SCRIPT = Path(llava.__file__).parent / "lm_files" / "llava_describe.py"
+
+
+def _png(path: Path, size: tuple[int, int] = (40, 30)) -> Path:
+    Image.new("RGB", size, (10, 120, 200)).save(path)
+    return path
+
+
+def _host(tmp_path: Path, arch: str | None, version: str = "0.18.0", bin_dir: Path | None = None,
+          gpus: list[dict[str, object]] | None = None) -> tuple[LocalRemote, Path, Path]:
+    home = tmp_path / "home"
+    home.mkdir(parents=True)
+    if bin_dir is None:
+        bin_dir = fake_env(home / "envs" / "lmdeploy" / "bin", version=version, gpus=gpus)
+    if arch:
+        model = home / "model" / "llava-llama-3-8b-v1_1-hf"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": "llava"}))
+    return LocalRemote(env={"HOME": str(home), "PATH": f"{bin_dir}:{base_path()}"}), home, bin_dir
+
+
+def test_images_are_checked_locally(tmp_path: Path) -> None:
+    data, ext = llava.read_local_image(_png(tmp_path / "a.png"))
+    assert ext == ".png" and data.startswith(b"\x89PNG")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    (tmp_path / "b.jpeg").write_bytes(buf.getvalue())
+    assert llava.read_local_image(tmp_path / "b.jpeg")[1] == ".jpg"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="WEBP")
+    assert llava.image_kind(buf.getvalue()) == ".webp"
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(llava.LlavaError, match=r"notes.txt is not a PNG, JPEG, GIF, BMP or WebP image"):
+        llava.read_local_image(tmp_path / "notes.txt")
+    with pytest.raises(llava.LlavaError, match=r"nope.png does not exist \(give a local file or an http\(s\) URL\)"):
+        llava.read_local_image(tmp_path / "nope.png")
+
+
+def test_upload_keeps_the_bytes(tmp_path: Path) -> None:
+    remote, home, _ = _host(tmp_path, None)
+    data, ext = llava.read_local_image(_png(tmp_path / "a.png", (300, 200)))
+    dest = llava.upload_image(remote, data, ext)
+    assert dest.startswith(f"{home}/.cache/llama3-ops/llava/") and dest.endswith(".png")
+    assert Path(dest).read_bytes() == data
+    assert llava.upload_image(remote, data, ext) == dest  # same content, same name
+
+
+def test_install_command_has_no_deps() -> None:
+    assert llava.install_argv(ENV18) == ["/e/bin/python", "-m", "pip", "install", "--no-deps",
+                                         "git+https://github.com/haotian-liu/LLaVA.git"]
+    assert llava.install_argv(ENV18, "v1.2.2.post1")[-1].endswith("LLaVA.git@v1.2.2.post1")
+    with pytest.raises(llava.LlavaError, match="bad LLaVA git ref"):
+        llava.LlavaConfig(image="x.png", llava_ref="main; rm -rf /").validate()
+
+
+def test_describe_command_per_version() -> None:
+    cfg = llava.LlavaConfig(image="/i.png", cache_max_entry_count=0.2)
+    old = llava.describe_argv(cfg, ENV041, "/h", "/h/model/llava", "/h/i.png")
+    assert old[:4] == ["/e/bin/python", "/h/.local/share/llama3-ops/stages/llava_describe.py", "/h/model/llava", "/h/i.png"]
+    assert old[old.index("--chat-template") + 1] == "llama3"  # the course's template on 0.4.1
+    new = llava.describe_argv(cfg, ENV18, "/h", "/h/model/llava", "https://example.org/cat.jpg")
+    assert "--chat-template" not in new  # 0.18 has no 'llama3' template name: the model's own is used
+    assert new[new.index("--cache-max-entry-count") + 1] == "0.2"
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"backend": "vllm"}, "unknown backend"),
+        ({"prompt": " "}, "the prompt is empty"),
+        ({"cache_max_entry_count": 2.0}, r"cache_max_entry_count must be in \(0, 1\]"),
+        ({"session_len": 512}, "session_len >= 1024"),
+    ],
+)
+def test_bad_settings(kw: dict[str, object], msg: str) -> None:
+    with pytest.raises(llava.LlavaError, match=msg):
+        llava.LlavaConfig(image="a.png", **kw).validate()  # type: ignore[arg-type]
+
+
+def test_original_llava_format_needs_the_llava_package(tmp_path: Path) -> None:
+    remote, home, bin_dir = _host(tmp_path, "LlavaLlamaForCausalLM", version="0.4.1")
+    img = _png(tmp_path / "a.png")
+    with pytest.raises(llava.LlavaError) as err:
+        llava.prepare(remote, llava.LlavaConfig(image=str(img), check_gpu=False))
+    msg = str(err.value)
+    assert "needs the LLaVA repo's llava package" in msg and "fab llava --install-llava" in msg
+    assert f"{bin_dir}/python -m pip install --no-deps git+https://github.com/haotian-liu/LLaVA.git" in msg
+    assert "transformers 4.31" in msg
+    # once the package is importable in the env, the preflight passes and the image is on the host
+    site = bin_dir.parent / "fake-site" / "llava"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    p = llava.prepare(remote, llava.LlavaConfig(image=str(img), check_gpu=False))
+    assert Path(p.image).read_bytes() == img.read_bytes()
+    assert p.argv[p.argv.index("--chat-template") + 1] == "llama3"
+
+
+def test_transformers_format_needs_newer_lmdeploy(tmp_path: Path) -> None:
+    remote, _, _ = _host(tmp_path, "LlavaForConditionalGeneration", version="0.4.1")
+    with pytest.raises(llava.LlavaError, match=r"lmdeploy 0.4.1 runs LLaVA only in the original LLaVA format"):
+        llava.prepare(remote, llava.LlavaConfig(image="https://example.org/cat.jpg", check_gpu=False))
+    remote18, _, _ = _host(tmp_path / "b", "LlavaForConditionalGeneration", version="0.18.0")
+    p = llava.prepare(remote18, llava.LlavaConfig(image="https://example.org/cat.jpg", check_gpu=False))
+    assert p.image == "https://example.org/cat.jpg"  # URLs are fetched by the host
+
+
+def test_wrong_or_missing_model_and_small_gpu(tmp_path: Path) -> None:
+    remote, _, _ = _host(tmp_path, None)
+    with pytest.raises(llava.LlavaError, match=r"model '~/model/llava-llama-3-8b-v1_1-hf' not found .* Download "
+                                               r"LLaVA-Llama-3 there first"):
+        llava.prepare(remote, llava.LlavaConfig(image="https://example.org/a.jpg"))
+    remote, _, _ = _host(tmp_path / "b", "LlamaForCausalLM")
+    with pytest.raises(llava.LlavaError, match="is not a LLaVA model"):
+        llava.prepare(remote, llava.LlavaConfig(image="https://example.org/a.jpg"))
+    remote, _, _ = _host(tmp_path / "c", "LlavaForConditionalGeneration", gpus=[dict(RTX3060)])
+    with pytest.raises(GPUCheckError, match=r"stage llava needs ~18 GiB of GPU memory; GPU 0 \(NVIDIA GeForce RTX 3060\)"):
+        llava.prepare(remote, llava.LlavaConfig(image="https://example.org/a.jpg"))
+    with pytest.raises(llava.LlavaError, match="only http"):
+        llava.prepare(remote, llava.LlavaConfig(image="ftp://example.org/a.jpg"))
+
+
+@pytest.mark.slow
+def test_dry_run_against_real_lmdeploy_018(tmp_path: Path) -> None:
+    py = Path(lmdeploy_python("0.18.0"))
+    remote, home, _ = _host(tmp_path, "LlavaForConditionalGeneration", bin_dir=py.parent)
+    img = _png(tmp_path / "a.png", (336, 224))
+    d = llava.describe(remote, llava.LlavaConfig(image=str(img), cache_max_entry_count=0.3,
+                                                        env_bin_dir=str(py.parent)), dry_run=True)
+    assert d.info["lmdeploy"] == "0.18.0" and d.info["image_size"] == [336, 224]
+    assert d.info["image"].startswith(f"{home}/.cache/llama3-ops/llava/")
+    assert "session_len=8192" in d.info["engine_config"] and "cache_max_entry_count=0.3" in d.info["engine_config"]
+    assert d.info["engine_config"].startswith("TurbomindEngineConfig(")
+
+
+@pytest.mark.slow
+def test_dry_run_against_real_lmdeploy_041(tmp_path: Path) -> None:
+    img = _png(tmp_path / "a.png")
+    res = subprocess.run([lmdeploy_python("0.4.1"), str(SCRIPT), "/m", str(img), "--backend", "pytorch",
+                          "--chat-template", "llama3", "--dry-run"], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["lmdeploy"] == "0.4.1" and info["engine_config"].startswith("PytorchEngineConfig(")
