@@ -80,7 +80,8 @@ def test_install_command_has_no_deps() -> None:
 def test_describe_command_per_version() -> None:
     cfg = llava.LlavaConfig(image="/i.png", cache_max_entry_count=0.2)
     old = llava.describe_argv(cfg, ENV041, "/h", "/h/model/llava", "/h/i.png")
-    assert old[:4] == ["/e/bin/python", "/h/.local/share/llama3-ops/stages/llava_describe.py", "/h/model/llava", "/h/i.png"]
+    assert old[:4] == ["/e/bin/python", "/h/.local/share/llama3-ops/stages/llava_describe.py", "/h/model/llava",
+                       "/h/i.png"]
     assert old[old.index("--chat-template") + 1] == "llama3"  # the course's template on 0.4.1
     new = llava.describe_argv(cfg, ENV18, "/h", "/h/model/llava", "https://example.org/cat.jpg")
     assert "--chat-template" not in new  # 0.18 has no 'llama3' template name: the model's own is used
@@ -102,7 +103,7 @@ def test_bad_settings(kw: dict[str, object], msg: str) -> None:
 
 
 def test_original_llava_format_needs_the_llava_package(tmp_path: Path) -> None:
-    remote, home, bin_dir = _host(tmp_path, "LlavaLlamaForCausalLM", version="0.4.1")
+    remote, _, bin_dir = _host(tmp_path, "LlavaLlamaForCausalLM", version="0.4.1")
     img = _png(tmp_path / "a.png")
     with pytest.raises(llava.LlavaError) as err:
         llava.prepare(remote, llava.LlavaConfig(image=str(img), check_gpu=False))
@@ -137,7 +138,8 @@ def test_wrong_or_missing_model_and_small_gpu(tmp_path: Path) -> None:
     with pytest.raises(llava.LlavaError, match="is not a LLaVA model"):
         llava.prepare(remote, llava.LlavaConfig(image="https://example.org/a.jpg"))
     remote, _, _ = _host(tmp_path / "c", "LlavaForConditionalGeneration", gpus=[dict(RTX3060)])
-    with pytest.raises(GPUCheckError, match=r"stage llava needs ~18 GiB of GPU memory; GPU 0 \(NVIDIA GeForce RTX 3060\)"):
+    small = r"stage llava needs ~18 GiB of GPU memory; GPU 0 \(NVIDIA GeForce RTX 3060\)"
+    with pytest.raises(GPUCheckError, match=small):
         llava.prepare(remote, llava.LlavaConfig(image="https://example.org/a.jpg"))
     with pytest.raises(llava.LlavaError, match="only http"):
         llava.prepare(remote, llava.LlavaConfig(image="ftp://example.org/a.jpg"))
