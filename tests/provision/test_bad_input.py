@@ -41,8 +41,9 @@ def test_model_source_that_does_not_exist(provisioned: Provisioned) -> None:
 
 
 def test_disk_requirement_fails_before_any_download(provisioned: Provisioned) -> None:
-    assert_fails_cleanly(provisioned, "no-disk", "needs 100000.0 GiB (model and environments)",
-                         llama3_preflight_disk_gb=100000)
+    assert_fails_cleanly(provisioned, "no-disk",
+                         "needs 100000.1 GiB (model 0.1, environments and caches 100000.0, stages 0.0)",
+                         llama3_preflight_envs_gb=100000)
     assert not provisioned.exists(NEW_DIR)
 
 
