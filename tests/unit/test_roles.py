@@ -70,7 +70,7 @@ def test_only_fqcn_builtin_modules() -> None:
 def test_profiles_have_the_keys_the_roles_read() -> None:
     for path in (ROOT / "profiles").glob("*.yml"):
         data = yaml.safe_load(path.read_text())
-        for key in ("description", "require_gpu", "disk_gb", "gpu_mem_gb", "python_env", "model"):
+        for key in ("description", "require_gpu", "disk_gb", "python_env", "model"):
             assert key in data, f"{path.name} lacks {key}"
         assert {"llama3", "lmdeploy"} <= set(data["python_env"]["envs"]), path.name
         for env in data["python_env"]["envs"].values():
@@ -88,3 +88,83 @@ def test_site_yml_passes_syntax_check() -> None:
     proc = subprocess.run([str(exe), "--syntax-check", "-i", "inventory/example.yml", "site.yml"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def _tasks(path: Path) -> list[dict[str, object]]:
+    """Every task of a task file, blocks flattened (the block itself included)."""
+    out: list[dict[str, object]] = []
+    stack = list(reversed(yaml.safe_load(path.read_text()) or []))
+    while stack:
+        t = stack.pop()
+        out.append(t)
+        for key in ("always", "rescue", "block"):
+            stack += list(reversed(t.get(key, [])))
+    return out
+
+
+NETWORK_COMMANDS = ("git clone", "git fetch", "lfs pull", "conda create", "snapshot_download", "download")
+# Every task that can reach the network -> the task name its offline guard names in its message.
+NETWORK_TASKS = {
+    ("llama3_base", "Install the system packages"): "Install the system packages",
+    ("llama3_python_env", "Download the Miniforge installer (checked against its pinned sha256)"): "Install Miniforge",
+    ("llama3_python_env", "Create conda env {{ llama3_python_env_item.key }}"):
+        "Create conda env {{ llama3_python_env_item.key }}",
+    ("llama3_python_env", "Install the packages of env {{ llama3_python_env_item.key }}"): "Install the environments",
+    ("llama3_python_env", "Install the git packages of env {{ llama3_python_env_item.key }}"):
+        "Install the environments",
+    ("llama3_python_env", "Install the no-deps packages of env {{ llama3_python_env_item.key }}"):
+        "Install the environments",
+    ("llama3_model", "Check the git remote answers"): "Fetch the model",
+    ("llama3_model", "Clone the repository (pointers only; weights come next, resumably)"): "Fetch the model",
+    ("llama3_model", "Check out the requested revision and restore missing or damaged files"): "Fetch the model",
+    ("llama3_model", "Download the weights with git-lfs (resumes an interrupted download)"): "Fetch the model",
+    ("llama3_model", "Download from the Hugging Face Hub (resumes an interrupted download)"): "Fetch the model",
+    ("llama3_model", "Install the ModelScope client into the llama3 env"): "Fetch the model",
+    ("llama3_model", "Download from ModelScope (resumes an interrupted download)"): "Fetch the model",
+}
+
+
+def test_every_network_task_has_an_offline_guard_that_names_it() -> None:
+    found: set[tuple[str, str]] = set()
+    guards: dict[str, str] = {}
+    for path in (ROOT / "roles").glob("*/tasks/*.yml"):
+        role = path.parts[-3]
+        for t in _tasks(path):
+            name = str(t.get("name", ""))
+            module = next((k for k in t if k.startswith("ansible.builtin.")), "")
+            text = yaml.safe_dump({k: v for k, v in t.items() if k.startswith("ansible.builtin.")})
+            args = t.get(module)
+            if isinstance(args, dict) and args.get("argv"):
+                text += " ".join([Path(str(args["argv"][0])).name, *map(str, args["argv"][1:])])
+            remote = module in ("ansible.builtin.get_url", "ansible.builtin.uri", "ansible.builtin.apt",
+                                "ansible.builtin.pip") or (
+                module in ("ansible.builtin.command", "ansible.builtin.shell")
+                and any(c in text for c in NETWORK_COMMANDS))
+            if remote:
+                found.add((role, name))
+            if module in ("ansible.builtin.assert", "ansible.builtin.fail"):
+                msg = " ".join(str(t[module].get("fail_msg", t[module].get("msg", ""))).split())  # type: ignore[attr-defined]
+                cond = yaml.safe_dump(t.get("when", "")) + yaml.safe_dump(t[module].get("that", ""))  # type: ignore[attr-defined]
+                if msg.startswith("Offline mode") and ("llama3_offline" in cond):
+                    for guarded in set(NETWORK_TASKS.values()):
+                        if f"task '{guarded}'" in msg:
+                            guards[guarded] = f"{role}: {name}"
+    assert found == set(NETWORK_TASKS), (
+        f"network tasks without a listed offline guard: {sorted(found - set(NETWORK_TASKS))}; "
+        f"listed but gone: {sorted(set(NETWORK_TASKS) - found)}")
+    missing = set(NETWORK_TASKS.values()) - set(guards)
+    assert not missing, f"no offline assert names these tasks: {sorted(missing)}"
+
+
+def test_conda_is_never_updated_and_envs_are_created_once() -> None:
+    tasks = [t for p in (ROOT / "roles").glob("*/tasks/*.yml") for t in _tasks(p)]
+    text = "\n".join(yaml.safe_dump(t) for t in tasks)
+    assert "conda update" not in text and "update --all" not in text and "'update'" not in text
+    def argv(t: dict[str, object]) -> list[str]:
+        cmd = t.get("ansible.builtin.command")
+        return [str(a) for a in cmd.get("argv", [])] if isinstance(cmd, dict) else []
+
+    creates = [t for t in tasks if argv(t)[:2] and argv(t)[0].endswith("/bin/conda") and argv(t)[1] == "create"]
+    assert creates, "no conda create task found"
+    for t in creates:
+        assert str(t["ansible.builtin.command"]["creates"]).endswith("/bin/python"), t["name"]  # type: ignore[index]
