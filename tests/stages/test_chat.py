@@ -322,3 +322,23 @@ def test_wrong_host_key_is_refused_before_any_chat(ssh_chat_host: SSHHost, tmp_p
     assert proc.returncode == 255
     assert "should-not-run" not in proc.stdout
     assert re.search(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed", proc.stderr)
+
+
+def test_chat_main_is_the_device_code_path(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m llama3_ops.stages.chat --local`` as scripts/gpu/stages-run.sh calls it."""
+    remote, home = _host(tmp_path)
+    model = _model(home, tiny_model, "work-model")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PATH", remote.env["PATH"])  # type: ignore[index]
+    out = tmp_path / "chat.json"
+    rc = chat.main(["--local", "--model", str(model), "--backend", "pytorch", "--cache-max-entry-count", "0.01",
+                    "--session-len", "512", "--env-bin-dir", str(home / "envs/lmdeploy/bin"), "--env", "FOO=bar",
+                    "--question", "Please introduce yourself.", "--timeout", "60", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert "fake-lmdeploy answer to 'Please introduce yourself.'" in res["stdout_tail"]
+    assert res["memory"]["gpus"][0]["peak_mib"] == ENGINE_MIB
+    assert res["command"].endswith(f"-- env FOO=bar {home}/envs/lmdeploy/bin/lmdeploy chat {model} --backend pytorch "
+                                   "--tp 1 --cache-max-entry-count 0.01 --session-len 512")
+    # a missing model is one clear line and exit 1
+    assert chat.main(["--local", "--model", str(tmp_path / "nope"), "--env-bin-dir", str(home / "envs/lmdeploy/bin")]) == 1

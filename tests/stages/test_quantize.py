@@ -276,3 +276,72 @@ def test_failed_run_leaves_no_model_marked_ready(tmp_path: Path, small_model: Pa
                                                           calib_samples=4, calib_seqlen=128, calib_file=short),
                           timeout=600)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the GPU device run
+
+
+@pytest.mark.slow
+def test_quantize_main_is_the_device_code_path(tmp_path: Path, small_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m llama3_ops.stages.quantize --local`` as stages-run.sh calls it (here: CPU, lmdeploy 0.18)."""
+    py = Path(lmdeploy_python("0.18.0"))
+    home = tmp_path / "home"
+    model = home / "work" / "Meta-Llama-3-8B-Instruct"
+    shutil.copytree(small_model, model)
+    monkeypatch.setenv("HOME", str(home))
+    out_json = tmp_path / "q.json"
+    rc = quantize.main(["--local", "--model", str(model), "--calib-samples", "4", "--calib-seqlen", "128",
+                        "--env-bin-dir", str(py.parent), "--env", "OMP_NUM_THREADS=1", "--device", "cpu",
+                        "--no-gpu-check", "--force", "--timeout", "600", "--json", str(out_json)])
+    assert rc == 0
+    res = json.loads(out_json.read_text())
+    assert res["out"] == f"{model}_4bit" and res["info"]["calibration"]["samples"] == 4
+    assert (Path(res["out"]) / ".llama3-ops-awq.json").is_file()
+    launcher = (home / ".local/state/llama3-ops/run/quantize.sh").read_text()
+    assert "export OMP_NUM_THREADS=1" in launcher and "--force" in launcher
+
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES_RUN = ROOT / "scripts" / "gpu" / "stages-run.sh"
+
+
+def _dry_run(tmp_path: Path, *phases: str) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+    import os
+    import shlex
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": ".gpu-work-dryrun-test"}
+    res = subprocess.run(["bash", str(STAGES_RUN), "--dry-run", *phases], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    cmds = [shlex.split(line[2:]) for line in res.stdout.splitlines() if line.startswith("+ ")]
+    return res, cmds
+
+
+def test_stages_run_dry_run_prints_the_commands(tmp_path: Path) -> None:
+    from llama3_ops.stages import chat as chat_stage
+
+    res, cmds = _dry_run(tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "out").exists() and not (ROOT / ".gpu-work-dryrun-test").exists()  # nothing ran
+    mods = [c[c.index("-m") + 1] for c in cmds if "-m" in c]
+    assert mods == ["pip", "llama3_ops.checkpoint", "llama3_ops.stages.chat", "llama3_ops.stages.quantize",
+                    "llama3_ops.stages.chat"]
+    chats = [chat_stage.build_parser().parse_args(c[c.index("-m") + 2:]) for c in cmds if "llama3_ops.stages.chat" in c]
+    model = str(ROOT / ".gpu-work-dryrun-test" / "Meta-Llama-3-8B-Instruct")
+    assert [a.model for a in chats] == [model, model + "_4bit"]
+    for a in chats:
+        assert (a.backend, a.cache_max_entry_count, a.session_len, a.env_bin_dir) == ("pytorch", 0.01, 512,
+                                                                                        "/tmp/site/bin")
+        assert a.env == [f"PYTHONPATH=/tmp/site:{ROOT}/src"] and a.question == ["Please introduce yourself."]
+    [q] = [quantize.build_parser().parse_args(c[c.index("-m") + 2:]) for c in cmds if "llama3_ops.stages.quantize" in c]
+    assert (q.model, q.calib_samples, q.calib_seqlen, q.w_group_size, q.force) == (model, 128, 1024, 128, True)
+    assert any(c[:2] == ["nvidia-smi", "--query-gpu=name,driver_version,memory.total"] for c in cmds)
+    # knobs and phase selection
+    import os
+
+    env = {**os.environ, "CALIB_SAMPLES": "32", "OUT": str(tmp_path / "o2")}
+    res2 = subprocess.run(["bash", str(STAGES_RUN), "--dry-run", "quantize"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert res2.returncode == 0 and "--calib-samples 32" in res2.stdout and "stages.chat" not in res2.stdout
+    bad, _ = _dry_run(tmp_path, "train")
+    assert bad.returncode == 2 and "unknown phase train" in bad.stderr

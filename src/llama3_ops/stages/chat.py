@@ -20,6 +20,7 @@ config.json (and only warns about the flag), and 0.4.1's PyTorch engine has no A
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -232,10 +233,8 @@ def run_batch(remote: Remote, cfg: ChatConfig, questions: list[str], *, timeout:
                        time.monotonic() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     """``python -m llama3_ops.stages.chat --local [--model M] [--question Q ...]`` (the device run)."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.chat")
     p.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
     p.add_argument("--model", default="base")
@@ -248,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-gpu-check", action="store_true")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--timeout", type=float, default=900.0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     con = Console(stderr=True)
     cfg = ChatConfig(model=args.model, backend=args.backend, cache_max_entry_count=args.cache_max_entry_count,
                      session_len=args.session_len, env_bin_dir=args.env_bin_dir,

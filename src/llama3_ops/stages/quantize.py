@@ -18,6 +18,7 @@ kill it, and ``fab quantize`` again re-attaches. Progress comes from its log. Th
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -321,10 +322,8 @@ def quantize(remote: Remote, cfg: QuantizeConfig, *, console: Console | None = N
     return QuantizeResult(p.out, info, started_now, time.monotonic() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     """``python -m llama3_ops.stages.quantize --local [options]`` (the device run)."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m llama3_ops.stages.quantize")
     ap.add_argument("--local", action="store_true", required=True)
     ap.add_argument("--model", default="base")
@@ -342,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gpu-check", action="store_true")
     ap.add_argument("--timeout", type=float, default=4 * 3600.0)
     ap.add_argument("--json")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     con = Console(stderr=True)
     cfg = QuantizeConfig(model=a.model, out=a.out, calib_file=a.calib_file, calib_dataset=a.calib_dataset,
                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, w_group_size=a.w_group_size,

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The chat and quantize stages on the lent H100 (the `device` tool), through the project's own code
+# (llama3_ops.stages.chat / .quantize with a LocalRemote): run from the repo root there, with the
+# lmdeploy 0.18 wheelhouse carried as .whl (../shared/device/prepare-lmdeploy-wheels.sh) and $OUT set.
+#
+#   scripts/gpu/stages-run.sh [--dry-run] [PHASE...]      phases: setup chat quantize chat4bit summary
+#                                                         (default: all, in that order)
+# Environment knobs:
+#   WORK=.gpu-work   CALIB_SAMPLES=128   CALIB_SEQLEN=1024   SESSION_LEN=512   CACHE=0.01
+#
+# What it does:
+#   setup     install the wheelhouse into /tmp/site, link /tmp/site/bin/python (the "env" the stages
+#             probe), make the Llama-3-8B-shaped checkpoint (real config and tokenizer, random bf16)
+#   chat      `lmdeploy chat MODEL --backend pytorch --cache-max-entry-count $CACHE --session-len ...`
+#             through chat_session.sh: one question on stdin, then `exit`; nvidia-smi peak memory
+#   quantize  lmdeploy's auto_awq with the offline calibration (pydoc text, 128 x 1024, w4 g128)
+#             as the `quantize` service, into MODEL_4bit (atomic, marker file)
+#   chat4bit  the same chat with the 4-bit model (0.18's PyTorch engine: Triton AWQ kernels; the
+#             TurboMind extension is not carried: it is built for CUDA 12, the machine has CUDA 13)
+#   summary   $OUT/stages-summary.json (every phase's exit status, seconds, GPU memory, AWQ marker)
+# Logs: $OUT/stages-<phase>.log. Budget: about 6-7 minutes on an H100 (engine starts ~50 s each,
+# quantization ~2-3 min); CALIB_SAMPLES=32 shortens the calibration if needed.
+set -uo pipefail
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+PHASES=${*:-setup chat quantize chat4bit summary}
+WORK=${WORK:-.gpu-work}
+OUT=${OUT:-$WORK/out}
+MODEL=$PWD/$WORK/Meta-Llama-3-8B-Instruct
+SITE=/tmp/site
+CALIB_SAMPLES=${CALIB_SAMPLES:-128}
+CALIB_SEQLEN=${CALIB_SEQLEN:-1024}
+SESSION_LEN=${SESSION_LEN:-512}
+CACHE=${CACHE:-0.01}
+RES=$WORK/stages
+PY=${PYTHON:-python3}
+export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
+ENV_ARGS=(--env-bin-dir "$SITE/bin" --env "PYTHONPATH=$PYTHONPATH")
+QUESTION="Please introduce yourself."
+
+log() { echo "[$(date +%T)] $*"; }
+# run PHASE CMD...: print it; unless --dry-run, run it with a log under $OUT and record rc + seconds
+run() {
+  local phase=$1; shift
+  echo "+ $(printf '%q ' "$@")"
+  [ "$DRY" = 1 ] && return 0
+  local t0=$SECONDS rc
+  "$@" 2>&1 | tee -a "$OUT/stages-$phase.log"
+  rc=${PIPESTATUS[0]}
+  printf '{"phase": "%s", "rc": %d, "seconds": %d}\n' "$phase" "$rc" $((SECONDS - t0)) >> "$RES/phases.jsonl"
+  log "$phase: exit $rc after $((SECONDS - t0)) s"
+  return "$rc"
+}
+
+[ "$DRY" = 1 ] || mkdir -p "$OUT" "$RES"
+for phase in $PHASES; do
+  case $phase in
+    setup)
+      log "setup"
+      run setup "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
+      # the env's "python" (chat/quantize probe BIN/python): a wrapper, not a symlink, so the torch
+      # venv's site-packages stay visible (venv detection does not follow symlinks)
+      run setup sh -c 'mkdir -p "$1" && printf "#!/bin/sh\nexec %s \"\$@\"\n" "$2" > "$1/python" && chmod +x "$1/python"' \
+        sh "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
+      run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      if [ "$DRY" = 1 ] || [ ! -f "$MODEL/config.json" ]; then
+        run setup "$PY" -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda
+      fi
+      ;;
+    chat)
+      log "chat with the base model (fp16 weights, cache ratio $CACHE)"
+      run chat "$PY" -m llama3_ops.stages.chat --local --model "$MODEL" --backend pytorch \
+        --cache-max-entry-count "$CACHE" --session-len "$SESSION_LEN" "${ENV_ARGS[@]}" \
+        --question "$QUESTION" --timeout 420 --json "$RES/chat-base.json"
+      ;;
+    quantize)
+      log "quantize: auto_awq, offline calibration, $CALIB_SAMPLES x $CALIB_SEQLEN"
+      run quantize "$PY" -m llama3_ops.stages.quantize --local --model "$MODEL" --calib-samples "$CALIB_SAMPLES" \
+        --calib-seqlen "$CALIB_SEQLEN" "${ENV_ARGS[@]}" --force --timeout 480 --json "$RES/quantize.json"
+      [ "$DRY" = 1 ] || cp "$HOME/.local/state/llama3-ops/logs/quantize.log" "$OUT/stages-quantize-service.log" 2>/dev/null
+      [ "$DRY" = 1 ] || du -sh "${MODEL}_4bit" 2>&1 | tee -a "$OUT/stages-quantize.log"
+      ;;
+    chat4bit)
+      log "chat with the 4-bit model"
+      run chat4bit "$PY" -m llama3_ops.stages.chat --local --model "${MODEL}_4bit" --backend pytorch \
+        --cache-max-entry-count "$CACHE" --session-len "$SESSION_LEN" "${ENV_ARGS[@]}" \
+        --question "$QUESTION" --timeout 420 --json "$RES/chat-4bit.json"
+      ;;
+    summary)
+      run summary "$PY" - "$RES" "$OUT/stages-summary.json" "${MODEL}_4bit" <<'PY'
+import json, pathlib, subprocess, sys
+res, out, awq = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+def load(name):
+    p = res / name
+    return json.loads(p.read_text()) if p.exists() else None
+phases = [json.loads(l) for l in (res / "phases.jsonl").read_text().splitlines()] if (res / "phases.jsonl").exists() else []
+marker = awq / ".llama3-ops-awq.json"
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip()
+summary = {"gpu": smi, "phases": phases, "chat_base": load("chat-base.json"), "quantize": load("quantize.json"),
+           "awq_marker": json.loads(marker.read_text()) if marker.exists() else None,
+           "chat_4bit": load("chat-4bit.json")}
+try:
+    import lmdeploy, torch, transformers
+    summary["versions"] = {"lmdeploy": lmdeploy.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__}
+except Exception as exc:  # the summary must still be written
+    summary["versions"] = {"error": repr(exc)}
+out.write_text(json.dumps(summary, indent=2))
+for key in ("chat_base", "chat_4bit"):
+    mem = (summary[key] or {}).get("memory") or {}
+    for g in mem.get("gpus", []):
+        print(f"{key}: GPU {g['index']} peak {g['peak_mib']} MiB of {g['total_mib']} (+{g['peak_mib'] - g['before_mib']})")
+print("phases:", ", ".join(f"{p['phase']}={p['rc']} ({p['seconds']} s)" for p in phases))
+PY
+      ;;
+    *) echo "unknown phase $phase (setup chat quantize chat4bit summary)" >&2; exit 2 ;;
+  esac
+done
