@@ -341,4 +341,5 @@ def test_chat_main_is_the_device_code_path(tmp_path: Path, tiny_model: Path, mon
     assert res["command"].endswith(f"-- env FOO=bar {home}/envs/lmdeploy/bin/lmdeploy chat {model} --backend pytorch "
                                    "--tp 1 --cache-max-entry-count 0.01 --session-len 512")
     # a missing model is one clear line and exit 1
-    assert chat.main(["--local", "--model", str(tmp_path / "nope"), "--env-bin-dir", str(home / "envs/lmdeploy/bin")]) == 1
+    bin_dir = str(home / "envs/lmdeploy/bin")
+    assert chat.main(["--local", "--model", str(tmp_path / "nope"), "--env-bin-dir", bin_dir]) == 1
