@@ -280,7 +280,13 @@ def follow(remote: Remote, out: str, console: Console, timeout: float, interval:
             total = state.linears if state.phase == "quantize" and state.linears else None
             progress.update(task, description=desc, total=total, completed=state.packed if total else 0)
             if not st.running:
-                break
+                # look twice: services' process-group probe can miss a live group when another process
+                # exits during its /proc scan (mawk stops at a vanished /proc/PID/stat)
+                time.sleep(0.5)
+                st = services.status(remote, SERVICE, log_lines=2000)
+                state.feed(st.log_tail)
+                if not st.running:
+                    break
             if time.monotonic() > deadline:
                 raise QuantizeError(f"quantization still running after {timeout:.0f}s; it goes on: "
                                     f"fab quantize again re-attaches, fab logs --service {SERVICE} shows it")
