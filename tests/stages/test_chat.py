@@ -343,3 +343,31 @@ def test_chat_main_is_the_device_code_path(tmp_path: Path, tiny_model: Path, mon
     # a missing model is one clear line and exit 1
     bin_dir = str(home / "envs/lmdeploy/bin")
     assert chat.main(["--local", "--model", str(tmp_path / "nope"), "--env-bin-dir", bin_dir]) == 1
+
+
+@pytest.mark.sshd
+def test_run_interactive_prints_the_memory_report_after_the_session(ssh_chat_host: SSHHost) -> None:
+    """What ``fab chat`` calls: preflight, ``ssh -t`` with this terminal, then the report read back."""
+    import sys
+
+    host = ssh_chat_host
+    write_gpus(Path(host.home) / "envs/lmdeploy/bin/gpu-state.json", [dict(H100)])
+    code = (
+        "import json, sys\n"
+        "from llama3_ops.connection import SSHTarget\n"
+        "from llama3_ops.services import SSHRemote\n"
+        "from llama3_ops.stages import chat\n"
+        "t = SSHTarget.from_dict(json.loads(sys.argv[1]))\n"
+        "rc = chat.run_interactive(SSHRemote(t), chat.ChatConfig(cache_max_entry_count=0.01, check_gpu=False))\n"
+        "print('RC', rc)\n"
+    )
+    (Path(host.home) / "model/Meta-Llama-3-8B-Instruct").mkdir(parents=True, exist_ok=True)
+    term = Pty([sys.executable, "-c", code, json.dumps(host.target.to_dict())])
+    term.expect(r"double enter to end input >>> ", timeout=60)
+    term.send("what is AWQ?\r\r")
+    term.expect(r"fake-lmdeploy answer to 'what is AWQ\?'")
+    term.send("exit\r\r")
+    term.expect(rf"GPU 0 \({H100['name']}\): {ENGINE_MIB} MiB of 81559 MiB in use at the peak \(\+{ENGINE_MIB} MiB "
+                r"for the chat\); the course saw 16176 MiB with --cache-max-entry-count 0\.01")
+    term.expect(r"RC 0")
+    assert term.wait() == 0

@@ -128,6 +128,8 @@ def pty_argv(target: SSHTarget, command: str) -> list[str]:
         "ServerAliveInterval=15",
         "-o",
         "ServerAliveCountMax=4",
+        "-o",
+        "LogLevel=ERROR",  # no "Connection to ... closed." after the chat; errors still show
         target.destination,
         command,
     ]
@@ -207,7 +209,7 @@ def run_interactive(remote: services.SSHRemote, cfg: ChatConfig, console: Consol
         console.print(f"[red]ssh to {remote.label} failed (exit 255)[/]")
         return rc
     for line in read_report(remote, prep.report).lines(cfg.stage):
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     return rc
 
 
