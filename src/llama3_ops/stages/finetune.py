@@ -40,7 +40,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from llama3_ops import services
 from llama3_ops.remote_files import put_text
@@ -238,6 +238,24 @@ def _exit_ok(st: ServiceStatus) -> bool:
     return (st.exit_status or "").strip() == "0"
 
 
+def _confirm_ended(remote: Remote, name: str, st: ServiceStatus, tries: int = 3) -> bool:
+    """A service seen ended with no exit status is looked at again before it counts as ended.
+
+    The status check walks /proc with awk; a process that exits during the walk can make one check
+    miss the live group (mawk stops at an unreadable file), so a lone "dead" is not trusted.
+    """
+    if st.exit_status:
+        return True
+    for _ in range(tries):
+        time.sleep(1.0)
+        again = services.status(remote, name, log_lines=0)
+        if again.running:
+            return False
+        if again.exit_status:
+            return True
+    return True
+
+
 def wait_service(
     remote: Remote,
     name: str,
@@ -254,12 +272,12 @@ def wait_service(
     :class:`FinetuneDetached` on Ctrl-C (the service keeps running).
     """
     start = time.monotonic()
-    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
     last: finetune_log.IterProgress | None = None
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task(what, total=None, detail="starting")
+            task = progress.add_task(what, total=None, detail="starting", count="")
             while True:
                 st = services.status(remote, name, log_lines=60)
                 p = finetune_log.last_progress(st.log_tail)
@@ -269,12 +287,13 @@ def wait_service(
                         f"loss {p.loss:.4f}" if p.loss is not None else "",
                         f"eta {p.eta}" if p.eta else "",
                     ) if x)
-                    progress.update(task, total=p.total, completed=p.iteration, detail=detail)
+                    progress.update(task, total=p.total, completed=p.iteration, detail=detail,
+                                    count=f"iter {p.iteration}/{p.total}")
                     if on_progress is not None:
                         on_progress(p)
                 elif last is None and st.log_tail:
                     progress.update(task, detail=st.log_tail[-1].strip()[-60:])
-                if not st.running:
+                if not st.running and _confirm_ended(remote, name, st):
                     break
                 if timeout is not None and time.monotonic() - start > timeout:
                     services.stop(remote, name)
@@ -475,10 +494,15 @@ def run(
             ckpts = list_checkpoints(remote, work_dir)
             latest = finetune_log.latest_checkpoint(ckpts)
             argv = [py, "-m", "xtuner.tools.train", config_path, "--work-dir", work_dir]
+            train_env = dict(env)
             if latest:
                 argv += ["--resume", f"{work_dir}/{latest}"]
+                # XTuner 0.2.0 and mmengine read the checkpoint (optimizer state, message hub) with
+                # torch.load's default, which is weights_only=True from torch 2.6 on and refuses
+                # mmengine's objects. The file is this work dir's own, written by this trainer.
+                train_env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
                 console.print(f"resuming from {latest} (the newest checkpoint in {work_dir})")
-            spec = ServiceSpec(name=train_name, argv=tuple(argv), env=env, cwd=host.course_dir)
+            spec = ServiceSpec(name=train_name, argv=tuple(argv), env=train_env, cwd=host.course_dir)
             st = run_step(remote, spec, console, what="training", on_progress=on_progress, timeout=train_timeout)
         latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
         if latest is None:

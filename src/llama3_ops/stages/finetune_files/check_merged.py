@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
 def main(argv: list[str]) -> int:
@@ -26,14 +27,15 @@ def main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
+    tok: Any = AutoTokenizer.from_pretrained(args.model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(
         args.model_dir, torch_dtype=torch.float16 if device == "cuda" else torch.float32
-    ).to(device)
+    )
+    model = model.to(device)
     model.eval()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.question})
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(device)
+    ids: Any = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(device)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     with torch.no_grad():
         out = model.generate(
