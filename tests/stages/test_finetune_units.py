@@ -135,6 +135,18 @@ def test_agent_flan_config_is_r64_at_4096_from_disk_with_openai_map_fn() -> None
     compile(text, "config.py", "exec")
 
 
+def test_system_prompt_with_braces_survives_the_eval_hooks_format() -> None:
+    from dataclasses import replace
+
+    from llama3_ops.stages.agent_finetune import SYSTEM
+
+    text = render(replace(INPUTS, system=SYSTEM), AGENT_FLAN)
+    hook_system = str(settings(text)["SYSTEM"])
+    assert "{{'name'" in hook_system
+    # what XTuner's EvaluateChatHook does with it (llama3_chat template, then the instruction)
+    assert hook_system.format(input="q", round=1) == SYSTEM
+
+
 @pytest.mark.parametrize("params, needle", [
     (TrainParams(lora_r=0), "lora_r=0"),
     (TrainParams(lr=0.0), "lr=0.0"),

@@ -587,7 +587,8 @@ def run(
     timings["merge"] = time.monotonic() - t
     timings["total"] = time.monotonic() - t0
 
-    console.print(f"[green]done[/]: {merged} (from {latest}); serve it with `fab serve --model merged`")
+    model_arg = "merged" if job.merged == MODELS["merged"] else merged
+    console.print(f"[green]done[/]: {merged} (from {latest}); serve it with `fab serve --model {model_arg}`")
     if eval_answer is not None:
         console.print(f"XTuner's evaluation after training ({job.evaluation_inputs[0]!r}): {eval_answer!r}")
     if merged_answer is not None:

@@ -159,6 +159,9 @@ def template_values(inputs: ConfigInputs, params: TrainParams) -> dict[str, Any]
         raise ConfigError(f"dataset_map_fn must be an XTuner map function name, got {inputs.dataset_map_fn!r}")
     values = {**asdict(params), **asdict(inputs)}
     values["evaluation_inputs"] = list(inputs.evaluation_inputs)
+    # EvaluateChatHook str.format()s the system text together with the instruction: literal braces
+    # (the Agent-FLAN tool description) are doubled, as the course config writes them.
+    values["system"] = inputs.system.replace("{", "{{").replace("}", "}}")
     return values
 
 
