@@ -60,6 +60,7 @@ for phase in $PHASES; do
       run setup "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
       # the env's "python" (chat/quantize probe BIN/python): a wrapper, not a symlink, so the torch
       # venv's site-packages stay visible (venv detection does not follow symlinks)
+      # shellcheck disable=SC2016  # $1/$2 belong to the inner sh
       run setup sh -c 'mkdir -p "$1" && printf "#!/bin/sh\nexec %s \"\$@\"\n" "$2" > "$1/python" && chmod +x "$1/python"' \
         sh "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
