@@ -141,7 +141,8 @@ class FinetuneResult:
 
 def read_host(remote: Remote, env_bin: str | None = None) -> HostInfo:
     """Home, course dir, profile and the llama3 env, from ``~/llama3-course/host.json`` (provisioning)."""
-    res = remote.run(f'printf "%s\\n" "$HOME"; cat "$HOME"/{COURSE_DIR[2:]}/host.json 2>/dev/null', timeout=30)
+    res = remote.run(f'printf "%s\\n" "$HOME"; cat "$HOME"/{COURSE_DIR[2:]}/host.json 2>/dev/null', timeout=30,
+                     check=False)
     home, _, rest = res.stdout.partition("\n")
     facts: dict[str, Any] = {}
     if rest.strip():
@@ -302,7 +303,7 @@ def wait_service(
     except KeyboardInterrupt:
         raise FinetuneDetached(
             f"stopped following {what}: it goes on on {remote.label} as service {name} "
-            f"(log: fab logs {name}); run the task again to follow it"
+            f"(log: fab logs --service {name}); run the task again to follow it"
         ) from None
     st = services.status(remote, name, log_lines=40)
     if not _exit_ok(st):
