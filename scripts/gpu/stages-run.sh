@@ -64,6 +64,10 @@ for phase in $PHASES; do
       run setup sh -c 'mkdir -p "$1" && printf "#!/bin/sh\nexec %s \"\$@\"\n" "$2" > "$1/python" && chmod +x "$1/python"' \
         sh "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+      # fail here, not minutes later, if the wheelhouse lacks something the stages import
+      run setup "$PY" -c "import lmdeploy, lmdeploy.cli.chat, lmdeploy.lite.apis.auto_awq, llama3_ops.stages.chat, \
+llama3_ops.stages.quantize; print('imports ok: lmdeploy', lmdeploy.__version__)" || {
+        echo "missing packages: add them to .whl (requests urllib3 certifi charset-normalizer idna are the usual ones)"; exit 3; }
       if [ "$DRY" = 1 ] || [ ! -f "$MODEL/config.json" ]; then
         run setup "$PY" -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda
       fi

@@ -14,6 +14,16 @@ kill it, and ``fab quantize`` again re-attaches. Progress comes from its log. Th
 ``<model>_4bit`` only when complete (written to ``..._4bit.partial``, then renamed, with
 ``.llama3-ops-awq.json`` inside), so a failed run never leaves a directory that looks finished, and
 ``fab chat --model 4bit`` / ``fab serve --model 4bit`` (``--model-format awq``) find it.
+
+AWQ on an H100 (sm_90) with the course's lmdeploy 0.4.1, which its docs do not list: the quantization
+itself (``lmdeploy.lite``) is plain PyTorch and runs on any CUDA GPU. Inference of the result uses
+TurboMind's ``gemm_s4_f16`` kernels; in the 0.4.1 wheel (``_turbomind.cpython-*.so``) every one of the
+18 instantiations has native SASS for sm_75, 80, 86, 89 and 90 (11-57 KB each; a 128-byte stub on
+sm_70), and the kernel source guards on ``__CUDA_ARCH__ >= 800`` with no upper bound. So sm_90 runs the
+same mma.sync/ldmatrix kernels as Ampere (not Hopper-tuned wgmma). All instantiations are for group
+size 128, matching 0.4.1's Python side, which sets ``cfg.group_size = 128`` for any AWQ model. 0.4.1's
+PyTorch engine has no W4A16 path at all. lmdeploy 0.18's PyTorch engine runs AWQ with TurboMind's
+Linear on sm_90 when the extension is present, else with its Triton ``awq_linear`` kernel.
 """
 
 from __future__ import annotations
