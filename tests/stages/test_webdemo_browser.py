@@ -157,8 +157,9 @@ Array.from(document.querySelectorAll('[data-testid="stChatMessage"]')).map(m => 
     .replace('stChatMessageAvatar', '').toLowerCase(),
   text: (m.querySelector('[data-testid="stChatMessageContent"]') || {}).innerText || ''}))
 """
-# Streamlit's "running" man in the header, shown while a script run is in progress.
-RUNNING_JS = "!!document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"]')"
+# Streamlit marks its root element with the script run's state (the header's running icon is hidden in
+# the app's minimal toolbar mode).
+IDLE_JS = "document.querySelector('[data-testid=\"stApp\"]')?.dataset.testScriptState === 'notRunning'"
 
 
 async def _visit(devtools: str, url: str, name: str, ready_text: str, chat: str | None, timeout: float) -> Visit:
@@ -179,6 +180,7 @@ async def _visit(devtools: str, url: str, name: str, ready_text: str, chat: str 
             await page.send("Page.navigate", url=url)
             await page.wait_for(f"document.body && document.body.innerText.includes({json.dumps(ready_text)})",
                                 timeout, f"{ready_text!r} on {url}")
+            await page.wait_for(IDLE_JS, timeout, "the end of the first script run")
             if chat is not None:
                 box = "document.querySelector('textarea[data-testid=\"stChatInputTextArea\"]')"
                 await page.wait_for(f"!!{box}", timeout, "the chat box")
@@ -188,10 +190,10 @@ async def _visit(devtools: str, url: str, name: str, ready_text: str, chat: str 
                     await page.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
                                     windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
                                     **({"text": "\r"} if kind == "keyDown" else {}))
-                # Both messages on the page, the answer has text, and the script run is over.
-                answered = f"(m => m.length >= 2 && !!m[1].text.trim())({MESSAGES_JS.strip()})"
-                await page.wait_for(answered, timeout, "the user's message and the assistant's answer")
-                await page.wait_for(f"!({RUNNING_JS})", timeout, "the end of the script run")
+                # The run that handles the message has started once the message is on the page; then
+                # wait for its end (the whole answer).
+                await page.wait_for(f"({MESSAGES_JS.strip()}).length >= 2", timeout, "the user's message")
+                await page.wait_for(IDLE_JS, timeout, "the end of the script run that answers")
             await asyncio.sleep(1.0)  # let the last frame paint
             png = await page.screenshot(ARTIFACTS / f"{name}.png")
             dom = await page.dom(ARTIFACTS / f"{name}-dom.html")

@@ -232,7 +232,7 @@ ino=$(awk -v p="$p" '$4 == "0A" { split($2, a, ":"); if (toupper(a[2]) == p) { p
 [ -n "$ino" ] || exit 0
 for d in /proc/[0-9]*; do
   if ls -l "$d/fd" 2>/dev/null | grep -q "socket:\[$ino\]"; then
-    echo "pid ${d#/proc/}: $(tr '\0' ' ' < "$d/cmdline" 2>/dev/null | cut -c1-200)"; exit 1
+    echo "pid ${d#/proc/}: $(tr '\0' ' ' < "$d/cmdline" 2>/dev/null | cut -c1-200 | sed 's/ *$//')"; exit 1
   fi
 done
 echo "a process of another user"; exit 1
