@@ -99,6 +99,24 @@ class Backend(Protocol):
     ) -> Iterator[str]: ...
 
 
+def stop_on_text(tokenizer: Any, prompt_len: int, stop: Sequence[str], window: int = 32) -> Any:
+    """A public ``StoppingCriteria`` that ends generation once the answer contains a stop string.
+
+    (``generate(stop_strings=...)`` needs transformers 4.42+; the course's env has 4.40.)
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            tail = input_ids[0, max(prompt_len, input_ids.shape[1] - window):]
+            text = tokenizer.decode(tail, skip_special_tokens=True)
+            done = any(s in text for s in stop)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StopOnText()
+
+
 def complete(backend: Backend, messages: Sequence[Message], settings: GenerationSettings,
              stop: Sequence[str] = ()) -> str:
     """The whole answer, cut before the first stop string (OpenAI servers drop it, generate keeps it)."""
@@ -154,7 +172,9 @@ class LocalBackend:
         else:
             kwargs.update(do_sample=False, top_p=None, temperature=None)
         if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stop_on_text(self.tokenizer, n_prompt, stop)])
         failure: list[BaseException] = []
 
         def run() -> None:
