@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import subprocess
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,7 @@ from rich.console import Console
 
 from llama3_ops import health, services, tunnel
 from llama3_ops.connection import SSHError, SSHTarget
+from llama3_ops.ports import NoFreePortError
 from llama3_ops.remote_files import put_package_file
 from llama3_ops.serve import API_KEY_ENV, MODELS, resolve_model
 from llama3_ops.services import Remote, ServiceSpec, ServiceStatus
@@ -332,6 +334,8 @@ def start_app(
 
 ERRORS: tuple[type[BaseException], ...] = (
     StageError,
+    NoFreePortError,
+    subprocess.TimeoutExpired,
     services.ServiceError,
     services.RemoteCommandError,
     health.NotReadyError,
