@@ -4,6 +4,9 @@
     fab -H gpu1 serve                lmdeploy api_server on the host's 127.0.0.1:23333 + SSH tunnel
     fab -H gpu1 client               streamed chat with the served model, through the tunnel
     fab -H gpu1 status | logs | stop | down
+    fab -H gpu1 chat [--model 4bit]  lmdeploy chat in this terminal, then the GPU memory it held
+    fab -H gpu1 quantize             W4A16 AWQ (course parameters, offline calibration) -> <model>_4bit
+    fab -H gpu1 llava --image F|URL  describe an image with LLaVA-Llama-3 (lmdeploy pipeline)
 
 Hosts come from the Ansible inventory ($LLAMA3_INVENTORY, default inventory/my.yml).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from fabric import Connection, task
 from rich.console import Console
@@ -20,6 +24,11 @@ from llama3_ops import chat_client, hosts, services, tunnel
 from llama3_ops import provision as provisioning
 from llama3_ops import serve as srv
 from llama3_ops.health import NotReadyError
+from llama3_ops.stages import chat as chat_stage
+from llama3_ops.stages import llava as llava_stage
+from llama3_ops.stages import quantize as quantize_stage
+from llama3_ops.stages.gpu import GPUCheckError
+from llama3_ops.stages.lm_models import ModelError
 
 console = Console()
 
@@ -104,3 +113,57 @@ def down(c: Connection) -> None:
         console.print(f"stopped {st.name}")
     for name in tunnel.down():
         console.print(f"closed tunnel {name}")
+
+
+@task(help={"model": "base | merged | 4bit | a path on the host", "backend": "turbomind | pytorch",
+            "cache_max_entry_count": "KV cache share of free GPU memory (course: 0.5, then 0.01)",
+            "env": "bin directory of the host's lmdeploy env"})
+def chat(c: Connection, model: str = "base", backend: str = "turbomind", cache_max_entry_count: float = 0.0,
+         session_len: int = 0, env: str = "~/envs/lmdeploy/bin") -> None:
+    """lmdeploy chat on the host in this terminal; then the GPU memory it held (as the course's nvidia-smi)."""
+    cfg = chat_stage.ChatConfig(model=model, backend=backend,  # type: ignore[arg-type]
+                                cache_max_entry_count=cache_max_entry_count or None,
+                                session_len=session_len or None, env_bin_dir=env)
+    try:
+        sys.exit(chat_stage.run_interactive(_remote(c), cfg, console=console))
+    except (chat_stage.ChatConfigError, ModelError, GPUCheckError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+
+
+@task(help={"model": "base | merged | a path on the host", "out": "default: the model's path + _4bit",
+            "calib_file": "a local UTF-8 text to calibrate on (default: the Python reference text on the host)",
+            "calib_dataset": "lmdeploy's own set instead (needs the Hugging Face Hub)",
+            "force": "quantize again over a finished result", "restart": "replace a running quantization"})
+def quantize(c: Connection, model: str = "base", out: str = "", calib_file: str = "", calib_dataset: str = "",
+             calib_samples: int = 128, calib_seqlen: int = 1024, w_group_size: int = 128, batch_size: int = 1,
+             env: str = "~/envs/lmdeploy/bin", force: bool = False, restart: bool = False) -> None:
+    """W4A16 AWQ (lmdeploy auto_awq, offline calibration) into <model>_4bit; then chat/serve --model 4bit."""
+    cfg = quantize_stage.QuantizeConfig(model=model, out=out or None,
+                                        calib_file=Path(calib_file) if calib_file else None,
+                                        calib_dataset=calib_dataset or None, calib_samples=calib_samples,
+                                        calib_seqlen=calib_seqlen, w_group_size=w_group_size,
+                                        batch_size=batch_size, env_bin_dir=env, force=force)
+    try:
+        quantize_stage.quantize(_remote(c), cfg, console=console, restart=restart)
+    except (quantize_stage.QuantizeError, ModelError, GPUCheckError, services.ServiceError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@task(help={"image": "a local image file (uploaded) or an http(s) URL",
+            "model": "LLaVA-Llama-3 on the host", "install_llava": "pip install --no-deps the LLaVA repo first"})
+def llava(c: Connection, image: str, prompt: str = "Describe this image.", model: str = llava_stage.DEFAULT_MODEL,
+          backend: str = "turbomind", env: str = "~/envs/lmdeploy/bin", install_llava: bool = False,
+          llava_ref: str = "") -> None:
+    """Describe an image with LLaVA-Llama-3 through lmdeploy's pipeline on the host."""
+    cfg = llava_stage.LlavaConfig(image=image, prompt=prompt, model=model, backend=backend,  # type: ignore[arg-type]
+                                  env_bin_dir=env, install_llava=install_llava, llava_ref=llava_ref)
+    try:
+        result = llava_stage.describe(_remote(c), cfg, console=console)
+    except (llava_stage.LlavaError, ModelError, GPUCheckError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+    console.print(result.text, markup=False, highlight=False)

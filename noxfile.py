@@ -53,6 +53,31 @@ def _aiperf(session: nox.Session) -> str:
     return str(exe)
 
 
+# Real lmdeploy for the stage tests on CPU (argument parsers, auto_awq on a tiny model): the
+# course's 0.4.1 and today's 0.18.0, each in its own venv with CPU torch. lmdeploy goes in with
+# --no-deps (its CUDA pins cannot install here); the listed packages are what those code paths import.
+LMDEPLOY_ENVS = {
+    "0.4.1": ["transformers==4.40.2", "numpy<2", "safetensors", "accelerate", "sentencepiece", "pillow", "requests",
+              "fire", "mmengine-lite", "pydantic", "einops"],
+    "0.18.0": ["transformers==5.17.0", "safetensors", "accelerate", "pillow", "requests", "fire", "mmengine-lite",
+               "pybase64"],
+}
+
+
+def _lmdeploy_envs(session: nox.Session) -> None:
+    for version, deps in LMDEPLOY_ENVS.items():
+        venv = ROOT / ".nox" / f"_lmdeploy-{version}"
+        stamp = venv / ".installed"
+        want = repr((version, deps))
+        if not (stamp.exists() and stamp.read_text() == want):
+            session.run("python", "-m", "venv", "--clear", str(venv))
+            pip = str(venv / "bin" / "pip")
+            session.run(pip, "install", "-q", TORCH_CPU, *deps, external=True)
+            session.run(pip, "install", "-q", "--no-deps", f"lmdeploy=={version}", external=True)
+            stamp.write_text(want)
+        session.env["LLAMA3_OPS_LMDEPLOY_" + version.replace(".", "_")] = str(venv / "bin" / "python")
+
+
 def _stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -71,6 +96,7 @@ def tests(session: nox.Session) -> None:
     """All tests. Fresh hosts need root: they boot Debian guests with systemd-nspawn."""
     _install(session)
     session.env["LLAMA3_OPS_AIPERF"] = _aiperf(session)
+    _lmdeploy_envs(session)
     session.run("python", "-m", "llama3_ops.freshhost", "deps")
     session.run("pytest", *(session.posargs or ["-q", "-rs", "--durations=15"]))
 

@@ -280,9 +280,11 @@ port_listening() {{
     END {{ exit !f }}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }}
 # is any non-zombie process left in process group $1? (/proc only: minimal hosts may lack procps)
+# (cat, not awk's own file list: mawk exits 2 without running END when a process vanishes
+# between the glob and the read, which made a live group look dead)
 grp_alive() {{
-  awk -v g="$1" '{{ sub(/.*\\) /, ""); if ($3 == g && $1 != "Z") found=1 }} END {{ exit !found }}' \
-    /proc/[0-9]*/stat 2>/dev/null
+  cat /proc/[0-9]*/stat 2>/dev/null |
+    awk -v g="$1" '{{ sub(/.*\\) /, ""); if ($3 == g && $1 != "Z") found=1 }} END {{ exit !found }}'
 }}
 """
 
