@@ -73,6 +73,9 @@ class TunnelSpec:
     # down waits for SYN retransmits (1 s, 3 s, 7 s), so a short timeout + a new attempt gets back
     # within ~1-2 s of the network returning instead of up to connect_timeout.
     reconnect_timeout: int = 2
+    # AES-GCM first: hardware AES (x86 AES-NI, ARMv8 crypto) makes it cheaper per byte than
+    # OpenSSH's default chacha20-poly1305; chacha20 stays as the fallback for hosts without it.
+    ciphers: str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
     health_path: str | None = "/health"  # re-checked after each reconnect; None: don't
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +230,7 @@ class OpenSSHTunnel(Tunnel):
             "-o", f"ServerAliveCountMax={s.keepalive_count}",
             "-o", f"ConnectTimeout={connect_timeout or s.connect_timeout}",
             "-o", "TCPKeepAlive=yes",
+            *(["-o", f"Ciphers={s.ciphers}"] if s.ciphers else []),
             "-o", "ControlMaster=no",
             "-o", "ControlPath=none",
             "-o", "ClearAllForwardings=no",

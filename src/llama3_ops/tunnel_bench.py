@@ -102,22 +102,33 @@ def bench_tunnel(
     requests_per_client: int = 4,
     max_tokens: int = 32,
     model: str = "standin",
+    openssh_ciphers: Sequence[str] = ("",),
 ) -> list[BenchRow]:
-    """Measure direct (when ``direct_url`` is reachable from here) and through each tunnel."""
+    """Measure direct (when ``direct_url`` is reachable from here) and through each tunnel.
+
+    ``openssh_ciphers``: one OpenSSH run per entry (a ``Ciphers=`` list; "" = the bundle's default);
+    the row's path is ``openssh`` for the default and ``openssh[<first cipher>]`` otherwise.
+    """
     rows: list[BenchRow] = []
-    paths: list[tuple[str, str | None]] = [("direct", direct_url)] if direct_url else []
-    paths += [(impl, None) for impl in impls]
-    for path, url in paths:
+    paths: list[tuple[str, str | None, Impl, str]] = [("direct", direct_url, "openssh", "")] if direct_url else []
+    for impl in impls:
+        if impl == "openssh":
+            paths += [(f"openssh[{c.split(',')[0]}]" if c else "openssh", None, impl, c) for c in openssh_ciphers]
+        else:
+            paths.append((impl, None, impl, ""))
+    for path, url, impl, ciphers in paths:
         tun = None
         if url is None:
             spec = TunnelSpec(
                 target=target,
                 remote_port=remote_port,
                 local_port=find_free_port(29300),
-                impl=path,  # type: ignore[arg-type]
-                name=f"bench-{path}",
+                impl=impl,
+                name=f"bench-{impl}",
                 health_path=None,
             )
+            if ciphers:
+                spec.ciphers = ciphers
             tun = make_tunnel(spec, on_event=lambda m: None).start()
             url = tun.url
         try:
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--tokens-per-s", type=float, default=200.0, help="stand-in rate per stream")
+    ap.add_argument("--ciphers", nargs="+", default=[""],
+                    help="OpenSSH Ciphers= lists to compare ('' = the bundle's default, AES-GCM first)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     with standin_process(tokens_per_s=args.tokens_per_s) as base, loopback_sshd() as target:
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             impls=args.impl,
             requests_per_client=args.requests_per_client,
             max_tokens=args.max_tokens,
+            openssh_ciphers=args.ciphers,
         )
     table = Table(
         title=f"streamed chat, {args.max_tokens} tokens/request at {args.tokens_per_s:g} tok/s/stream"
@@ -244,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     rat = ratios(rows)
     con.print({"tunnel/direct": rat})
     if args.json:
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "ratios": rat}, indent=1))
+        setup = {"tokens_per_s_per_stream": args.tokens_per_s, "max_tokens": args.max_tokens,
+                 "requests_per_client": args.requests_per_client, "cpu_count": os.cpu_count(),
+                 "default_ciphers": TunnelSpec.__dataclass_fields__["ciphers"].default,
+                 "load_avg_at_end": os.getloadavg()}
+        args.json.write_text(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows], "ratios": rat},
+                                        indent=1))
     return 0
 
 

@@ -243,3 +243,19 @@ def test_status_survives_a_log_without_final_newline(tmp_path: Path) -> None:
     st = svc.status(svc.LocalRemote(env={"HOME": str(tmp_path)}), "llm", log_lines=5)
     assert st.state == "dead"
     assert st.log_tail[-1].endswith("10/10")
+
+
+def test_openssh_tunnel_argv_loopback_keepalive_ciphers_and_short_reconnects() -> None:
+    from llama3_ops.connection import SSHTarget
+    from llama3_ops.tunnel import OpenSSHTunnel, TunnelSpec
+
+    spec = TunnelSpec(target=SSHTarget(host="gpu1", user="u", port=2222), local_port=23334)
+    tun = OpenSSHTunnel(spec)
+    tun.local_port = 23334
+    first, again = tun.argv(spec.connect_timeout), tun.argv(spec.reconnect_timeout)
+    assert "127.0.0.1:23334:127.0.0.1:23333" in first
+    assert "ExitOnForwardFailure=yes" in first and "ServerAliveInterval=2" in first
+    assert "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com" in first
+    assert "ConnectTimeout=5" in first and "ConnectTimeout=2" in again
+    spec.ciphers = ""
+    assert not any(a.startswith("Ciphers=") for a in tun.argv())
