@@ -88,7 +88,7 @@ def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provis
     with pytest.raises(FinetuneError) as err:
         finetune.run_finetune(remote, count=50, console=console, on_progress=kill)
     timings["killed run"] = time.monotonic() - t
-    assert killed, "training never reached iteration 3"
+    assert killed, f"training never reached iteration 3: {err.value}"
     msg = str(err.value)
     assert "training failed" in msg and "last log lines" in msg and "Iter(train) [3/4]" in msg
     assert "CPU host: plain LoRA" in out.getvalue()

@@ -215,7 +215,7 @@ def check_env(remote: Remote, host: HostInfo, standin_dir: str) -> bool:
         '[ -x "$py" ] || { echo "nopython"; exit 0; }\n'
         'if "$py" -c "import torchvision" >/dev/null 2>&1; then echo tv=1; pp=; else echo tv=0; '
         f"pp={shlex.quote(standin_dir)}; fi\n"
-        'PYTHONPATH="$pp" "$py" -c "import xtuner, mmengine, peft, datasets; '
+        'PYTHONPATH="$pp" "$py" -c "import xtuner, xtuner.dataset, mmengine.runner, peft, datasets; '
         "print('xtuner=' + xtuner.__version__)\" 2>&1 | tail -n 3\n"
     )
     out = remote.run(script, timeout=300).stdout
