@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import time
 import urllib.request
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provis
     assert READY_MARKER not in files  # ls hides dot files; the marker is read above
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
     same_shape, diff = provisioned.sh(
-        f"~/envs/llama3/bin/python -c {json.dumps(WEIGHT_DIFF)} ~/model/Meta-Llama-3-8B-Instruct {MERGED}").split()
+        f"~/envs/llama3/bin/python -c {shlex.quote(WEIGHT_DIFF)} ~/model/Meta-Llama-3-8B-Instruct {MERGED}").split()
     assert same_shape == "True" and float(diff) > 0, "the merged weights carry the trained LoRA delta"
 
     # 3. Running it again does nothing but report.
