@@ -154,18 +154,23 @@ def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provis
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
 
 
-def test_agent_finetune_converts_agent_flan_and_merges(provisioned: Provisioned, tmp_path: Path) -> None:
+def test_agent_finetune_converts_agent_flan_and_trains(provisioned: Provisioned, tmp_path: Path) -> None:
     remote = services.SSHRemote(provisioned.target)
     data = write_agent_flan(tmp_path / "Agent-FLAN" / "data")
     console, out = _console()
     t = time.monotonic()
-    result = agent_finetune.run_agent_finetune(remote, upload=data, device="cpu", cpu_iters=2, console=console)
+    # Train only: convert and merge are the self-cognition test's machinery, unchanged.
+    result = agent_finetune.run_agent_finetune(remote, upload=data, device="cpu", cpu_iters=1, until="train",
+                                               console=console)
     log = out.getvalue()
     assert re.search(r"converted 3 records from 2 file\(s\)", log), log[-2000:]
     assert result.params.lora_r == 64 and result.params.max_length == 4096
-    assert result.merged_path == f"{HOME}/model/llama3_agent_flan_merged"
-    marker = finetune.merged_ready(remote, agent_finetune.MERGED)
-    assert marker is not None and marker["checkpoint"] == "iter_2.pth"
+    assert result.checkpoint == f"{HOME}/llama3-course/work_dirs/agent-finetune/iter_1.pth"
+    assert result.merged_path is None and result.adapter is None
+    assert result.eval_answer is not None
+    assert finetune.merged_ready(remote, agent_finetune.MERGED) is None
+    config = provisioned.sh("cat ~/llama3-course/configs/llama3_8b_instruct_qlora_agentflan_3e_cpu.py")
+    assert "dataset_map_fn=openai_map_fn" in config and "r=64" in config and "max_length = 4096" in config
     converted = provisioned.sh(
         "~/envs/llama3/bin/python -c 'from datasets import load_from_disk; import json; "
         "d = load_from_disk(\"/home/student/llama3-course/data/agent_flan_converted\"); "

@@ -40,6 +40,7 @@ from llama3_ops.stages.finetune import (
     FinetuneResult,
     HostInfo,
     Job,
+    Step,
     read_json,
     run,
     run_step,
@@ -155,9 +156,10 @@ def run_agent_finetune(
     device: Device = "auto",
     cpu_iters: int = 2,
     params: TrainParams | None = None,
+    until: Step = "merge",
     console: Console | None = None,
     on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
 ) -> FinetuneResult:
     """``fab agent-finetune``: Agent-FLAN data -> convert -> train (r=64, 4096) -> pth_to_hf -> merge."""
     return run(remote, agent_flan_job(data_dir, upload), base_model=base_model, device=device, params=params,
-               cpu_iters=cpu_iters, console=console, on_progress=on_progress)
+               cpu_iters=cpu_iters, console=console, on_progress=on_progress, until=until)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from rich.console import Console
@@ -75,6 +76,8 @@ HOST_FILES = (
     "convert_agentflan.py",
 )
 Device = Literal["auto", "gpu", "cpu"]
+Step = Literal["train", "convert", "merge"]
+STEPS: tuple[Step, ...] = ("train", "convert", "merge")
 
 
 class FinetuneError(RuntimeError):
@@ -126,9 +129,9 @@ class Job:
 
 @dataclass
 class FinetuneResult:
-    merged_path: str
+    merged_path: str | None  # None: stopped before the merge (until=)
     checkpoint: str
-    adapter: str
+    adapter: str | None  # None: stopped before the conversion
     params: TrainParams
     eval_answer: str | None  # XTuner's EvaluateChatHook, after training (from the log)
     merged_answer: str | None  # the merged model's answer to the same question
@@ -402,8 +405,12 @@ def run(
     console: Console | None = None,
     on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
     train_timeout: float | None = None,
+    until: Step = "merge",
 ) -> FinetuneResult:
-    """Run ``job`` on the host through train -> convert -> merge, skipping what is already done."""
+    """Run ``job`` on the host through train -> convert -> merge (or ``until`` an earlier step),
+    skipping what is already done."""
+    if until not in STEPS:
+        raise FinetuneError(f"until must be one of {', '.join(STEPS)}, got {until!r}")
     console = console or Console(stderr=True)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -473,7 +480,12 @@ def run(
     train_name = job.service("train")
     marker = read_json(remote, f"{work_dir}/{RUN_MARKER}")
     running = services.status(remote, train_name, log_lines=0)
-    if marker is not None and marker.get("run") != run_fp and not running.running:
+    if marker is not None and marker.get("run") != run_fp and running.running:
+        raise FinetuneError(
+            f"a training with other settings or data is running on {remote.label} ({running.command}); "
+            f"wait for it (run the task with its settings to follow it) or stop it: fab stop --service {train_name}"
+        )
+    if marker is not None and marker.get("run") != run_fp:
         aside = f"{work_dir}.prev"
         remote.run(f"rm -rf {shlex.quote(aside)}; mv {shlex.quote(work_dir)} {shlex.quote(aside)}", timeout=120)
         console.print(f"new settings or data: the previous work dir was moved to {aside}")
@@ -489,8 +501,8 @@ def run(
     else:
         if running.running:
             console.print(f"training is running on {remote.label}: following it")
-            st = wait_service(remote, train_name, console, what="training", on_progress=on_progress,
-                              timeout=train_timeout)
+            wait_service(remote, train_name, console, what="training", on_progress=on_progress,
+                         timeout=train_timeout)
         else:
             ckpts = list_checkpoints(remote, work_dir)
             latest = finetune_log.latest_checkpoint(ckpts)
@@ -504,7 +516,7 @@ def run(
                 train_env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
                 console.print(f"resuming from {latest} (the newest checkpoint in {work_dir})")
             spec = ServiceSpec(name=train_name, argv=tuple(argv), env=train_env, cwd=host.course_dir)
-            st = run_step(remote, spec, console, what="training", on_progress=on_progress, timeout=train_timeout)
+            run_step(remote, spec, console, what="training", on_progress=on_progress, timeout=train_timeout)
         latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
         if latest is None:
             raise FinetuneError(f"training ended but {work_dir} holds no iter_<N>.pth checkpoint")
@@ -516,18 +528,21 @@ def run(
             )
         put_text(remote, f"{work_dir}/{TRAIN_DONE}", json.dumps(
             {"run": run_fp, "checkpoint": latest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-        del st
     timings["train"] = time.monotonic() - t
     train_log = services.logs(remote, train_name, lines=2000).splitlines()
     sample = finetune_log.final_answer(train_log)
     eval_answer = sample.answer if sample else None
-
-    # 4. convert the newest checkpoint
-    t = time.monotonic()
     latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
     if latest is None:
         raise FinetuneError(f"{work_dir} holds no iter_<N>.pth checkpoint to convert")
     ckpt = f"{work_dir}/{latest}"
+    if until == "train":
+        return _finish(console, job, FinetuneResult(
+            merged_path=None, checkpoint=ckpt, adapter=None, params=p, eval_answer=eval_answer,
+            merged_answer=None, skipped=skipped, timings={**timings, "total": time.monotonic() - t0}))
+
+    # 4. convert the newest checkpoint
+    t = time.monotonic()
     adapter = f"{work_dir}/hf_adapter"
     conv = read_json(remote, f"{work_dir}/{CONVERT_DONE}")
     if conv is not None and conv.get("run") == run_fp and conv.get("checkpoint") == latest:
@@ -546,6 +561,10 @@ def run(
         )
         put_text(remote, f"{work_dir}/{CONVERT_DONE}", json.dumps({"run": run_fp, "checkpoint": latest}) + "\n")
     timings["convert"] = time.monotonic() - t
+    if until == "convert":
+        return _finish(console, job, FinetuneResult(
+            merged_path=None, checkpoint=ckpt, adapter=adapter, params=p, eval_answer=eval_answer,
+            merged_answer=None, skipped=skipped, timings={**timings, "total": time.monotonic() - t0}))
 
     # 5. merge, check, then rename into place with the ready marker
     t = time.monotonic()
@@ -587,17 +606,27 @@ def run(
         )
     timings["merge"] = time.monotonic() - t
     timings["total"] = time.monotonic() - t0
-
-    model_arg = "merged" if job.merged == MODELS["merged"] else merged
-    console.print(f"[green]done[/]: {merged} (from {latest}); serve it with `fab serve --model {model_arg}`")
-    if eval_answer is not None:
-        console.print(f"XTuner's evaluation after training ({job.evaluation_inputs[0]!r}): {eval_answer!r}")
-    if merged_answer is not None:
-        console.print(f"the merged model answers: {merged_answer!r}")
-    return FinetuneResult(
+    return _finish(console, job, FinetuneResult(
         merged_path=merged, checkpoint=ckpt, adapter=adapter, params=p, eval_answer=eval_answer,
-        merged_answer=merged_answer, skipped=skipped, timings=timings,
-    )
+        merged_answer=merged_answer, skipped=skipped, timings=timings))
+
+
+def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResult:
+    """Say what was made and what to do with it."""
+    name = PurePosixPath(result.checkpoint).name
+    if result.merged_path is not None:
+        model_arg = "merged" if job.merged == MODELS["merged"] else result.merged_path
+        console.print(f"[green]done[/]: {result.merged_path} (from {name}); serve it with "
+                      f"`fab serve --model {model_arg}`")
+    elif result.adapter is not None:
+        console.print(f"[green]done[/]: adapter {result.adapter} (from {name}); merge it with `fab {job.fab_task}`")
+    else:
+        console.print(f"[green]done[/]: trained to {result.checkpoint}; convert and merge with `fab {job.fab_task}`")
+    if result.eval_answer is not None:
+        console.print(f"XTuner's evaluation after training ({job.evaluation_inputs[0]!r}): {result.eval_answer!r}")
+    if result.merged_answer is not None:
+        console.print(f"the merged model answers: {result.merged_answer!r}")
+    return result
 
 
 def merged_ready(remote: Remote, path: str = MODELS["merged"]) -> dict[str, Any] | None:
@@ -644,6 +673,7 @@ def run_finetune(
     base_model: str = "base",
     device: Device = "auto",
     cpu_iters: int = 4,
+    until: Step = "merge",
     console: Console | None = None,
     on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
 ) -> FinetuneResult:
@@ -655,7 +685,7 @@ def run_finetune(
     except ValueError as exc:
         raise FinetuneError(str(exc)) from exc
     return run(remote, self_cognition_job(data), base_model=base_model, device=device, cpu_iters=cpu_iters,
-               console=console, on_progress=on_progress)
+               console=console, on_progress=on_progress, until=until)
 
 
 def tiny_cpu_finetune(remote: Remote, console: Console | None = None) -> FinetuneResult:
