@@ -24,9 +24,11 @@ from llama3_ops import chat_client, hosts, services, tunnel
 from llama3_ops import provision as provisioning
 from llama3_ops import serve as srv
 from llama3_ops.health import NotReadyError
+from llama3_ops.stages import agent as agent_stage
 from llama3_ops.stages import chat as chat_stage
 from llama3_ops.stages import llava as llava_stage
 from llama3_ops.stages import quantize as quantize_stage
+from llama3_ops.stages import webdemo as webdemo_stage
 from llama3_ops.stages.gpu import GPUCheckError
 from llama3_ops.stages.lm_models import ModelError
 
@@ -167,3 +169,37 @@ def llava(c: Connection, image: str, prompt: str = "Describe this image.", model
         console.print(f"[red]error:[/] {exc}")
         sys.exit(1)
     console.print(result.text, markup=False, highlight=False)
+
+
+@task(help={"model": "base | merged | 4bit | a path on the host (api backend: the served model, for its tokenizer)",
+            "backend": "local (the app loads the model) | api (the fab serve server)",
+            "local_port": "local end of the tunnel (the next free port when busy)",
+            "detach": "leave a background tunnel and return", "restart": "replace a web demo with other settings"})
+def webdemo(c: Connection, model: str = "base", backend: str = "local", port: int = 8501, local_port: int = 8501,
+            api_port: int = 23333, max_length: int = 8192, env: str = "~/envs/llama3/bin", restart: bool = False,
+            detach: bool = False) -> None:
+    """The course's Streamlit chat on the host (supervised), tunnelled to local 8501 or the next free port."""
+    cfg = webdemo_stage.StreamlitConfig(model=model, backend=backend, port=port, api_port=api_port,  # type: ignore[arg-type]
+                                        api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env,
+                                        max_length=max_length)
+    sys.exit(webdemo_stage.webdemo(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
+                                   host=c.original_host or c.host, console=console))
+
+
+@task(help={"model": "base | merged | 4bit | a path on the host", "backend": "local | api (the fab serve server)",
+            "max_turn": "LLM calls per question (lagent's ReAct default 4)",
+            "max_new_tokens": "tokens per step (the slider's start value)",
+            "detach": "leave a background tunnel and return", "restart": "replace an agent demo with other settings"})
+def agent(c: Connection, model: str = "base", backend: str = "local", port: int = 8502, local_port: int = 8502,
+          api_port: int = 23333, max_turn: int = 4, max_new_tokens: int = 512, env: str = "~/envs/llama3/bin",
+          restart: bool = False, detach: bool = False) -> None:
+    """The course's Lagent ReAct web demo (ArxivSearch + FinishAction), tunnelled to local 8502 or the next free."""
+    try:
+        cfg = agent_stage.agent_config(model, backend, port=port, api_port=api_port,
+                                       api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env, max_turn=max_turn,
+                                       max_new_tokens=max_new_tokens)
+    except webdemo_stage.StageError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+    sys.exit(agent_stage.agent(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
+                               host=c.original_host or c.host, console=console))
