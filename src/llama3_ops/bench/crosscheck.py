@@ -167,9 +167,15 @@ def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> 
                          input_len=128, output_len=32, aiperf=aiperf, out=out / "tserve-c4",
                          console=console)  # fmt: skip
         cases.append({"server": "transformers serve (CPU, tiny model)"} | res)
+    import os
+
     return {
         "kind": "crosscheck",
         "provenance": provenance(),
+        # Both tools share this machine's cores with the server: a busy machine starves the heavier
+        # one (AIPerf runs several worker processes) and the comparison stops being about the tools.
+        "load_avg_at_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
         "cases": cases,
         "all_within_tolerance": all(c["within_tolerance"] for c in cases),
     }
