@@ -97,6 +97,8 @@ def test_missing_env_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kwargs, needle", [
     ({"count": 0}, "count must be between 1"),
     ({"name": "  "}, "name must not be empty"),
+    ({"device": "tpu"}, "device must be auto, gpu or cpu"),
+    ({"until": "deploy"}, "until must be one of train, convert, merge"),
 ])
 def test_bad_dataset_parameters(tmp_path: Path, kwargs: dict[str, object], needle: str) -> None:
     home = host_home(tmp_path, "cpu")

@@ -24,8 +24,14 @@ The trainer is XTuner's own ``tools/train.py`` run as ``python -m xtuner.tools.t
 when training fails). The same holds for the two converters.
 
 On a CPU host (the cpu profile) the stage uses :meth:`TrainParams.for_cpu`: plain LoRA instead of
-QLoRA and a few iterations, and puts ``finetune_files/cpu_compat`` on the PYTHONPATH of the XTuner
-commands (an import-only torchvision stand-in, and a SupervisedFinetune that builds without CUDA).
+QLoRA and a few iterations, and puts on the PYTHONPATH of the XTuner commands
+``finetune_files/cpu_compat`` (a SupervisedFinetune that builds without CUDA) and, only when the
+env's torchvision does not import, ``finetune_files/torchvision_standin`` (import-only names).
+
+``--until train|convert`` stops after that step. Markers (work dir: ``.llama3-ops-run.json``,
+``.llama3-ops-train-done.json``, ``.llama3-ops-convert-done.json``; merged model:
+``.llama3-ops-ready.json``) record the run's fingerprint (rendered config + dataset digest): other
+settings or data start a new run, and the previous work dir is moved to ``<work dir>.prev``.
 """
 
 from __future__ import annotations
@@ -411,6 +417,8 @@ def run(
     skipping what is already done."""
     if until not in STEPS:
         raise FinetuneError(f"until must be one of {', '.join(STEPS)}, got {until!r}")
+    if device not in ("auto", "gpu", "cpu"):
+        raise FinetuneError(f"device must be auto, gpu or cpu, got {device!r}")
     console = console or Console(stderr=True)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
