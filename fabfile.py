@@ -7,6 +7,8 @@
     fab -H gpu1 chat [--model 4bit]  lmdeploy chat in this terminal, then the GPU memory it held
     fab -H gpu1 quantize             W4A16 AWQ (course parameters, offline calibration) -> <model>_4bit
     fab -H gpu1 llava --image F|URL  describe an image with LLaVA-Llama-3 (lmdeploy pipeline)
+    fab -H gpu1 webdemo | agent      the Streamlit chat / the Lagent ReAct demo, tunnelled
+    fab -H gpu1 finetune | agent-finetune    XTuner train -> pth_to_hf -> merge (resumable)
 
 Hosts come from the Ansible inventory ($LLAMA3_INVENTORY, default inventory/my.yml).
 """
@@ -25,7 +27,9 @@ from llama3_ops import provision as provisioning
 from llama3_ops import serve as srv
 from llama3_ops.health import NotReadyError
 from llama3_ops.stages import agent as agent_stage
+from llama3_ops.stages import agent_finetune as agent_ft
 from llama3_ops.stages import chat as chat_stage
+from llama3_ops.stages import finetune as ft
 from llama3_ops.stages import llava as llava_stage
 from llama3_ops.stages import quantize as quantize_stage
 from llama3_ops.stages import webdemo as webdemo_stage
@@ -203,3 +207,40 @@ def agent(c: Connection, model: str = "base", backend: str = "local", port: int 
         sys.exit(1)
     sys.exit(agent_stage.agent(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
                                host=c.original_host or c.host, console=console))
+
+
+def _finetune_errors(run: object) -> None:
+    try:
+        run()  # type: ignore[operator]
+    except ft.FinetuneDetached as exc:
+        console.print(f"[yellow]{exc}[/]")
+        sys.exit(130)
+    except (ft.FinetuneError, services.ServiceError, services.RemoteCommandError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+
+
+@task(help={"name": "the assistant's name the dataset teaches (course: SmartFlowAI)",
+            "count": "identical records in the dataset (course: 2000)",
+            "system": "system prompt of the records (default: the course's)",
+            "base_model": "base | a model path on the host",
+            "device": "auto | gpu | cpu (cpu: LoRA instead of QLoRA, --cpu-iters iterations)",
+            "until": "train | convert | merge (default merge: all the way)"})
+def finetune(c: Connection, name: str = "SmartFlowAI", count: int = 2000, system: str = "", base_model: str = "base",
+             device: str = "auto", cpu_iters: int = 4, until: str = "merge") -> None:
+    """Self-cognition fine-tune: dataset, xtuner train, pth_to_hf, merge into ~/model/llama3_hf_merged."""
+    _finetune_errors(lambda: ft.run_finetune(
+        _remote(c), name=name, count=count, system=system or None, base_model=base_model,
+        device=device, cpu_iters=cpu_iters, until=until, console=console))  # type: ignore[arg-type]
+
+
+@task(help={"data_dir": "Agent-FLAN's data/ folder on the host",
+            "upload": "a local folder with Agent-FLAN's *.jsonl, uploaded instead",
+            "base_model": "base | a model path on the host", "device": "auto | gpu | cpu",
+            "until": "train | convert | merge"})
+def agent_finetune(c: Connection, data_dir: str = "~/Agent-FLAN/data", upload: str = "", base_model: str = "base",
+                   device: str = "auto", cpu_iters: int = 2, until: str = "merge") -> None:
+    """Agent-FLAN fine-tune (LoRA r=64, max_length 4096), convert, merge into ~/model/llama3_agent_flan_merged."""
+    _finetune_errors(lambda: agent_ft.run_agent_finetune(
+        _remote(c), data_dir=data_dir, upload=Path(upload) if upload else None, base_model=base_model,
+        device=device, cpu_iters=cpu_iters, until=until, console=console))  # type: ignore[arg-type]

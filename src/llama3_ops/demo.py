@@ -132,6 +132,29 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             raise SystemExit(f"the benchmark failed (exit {rc})")
         console.print(f"bench JSON and PNGs: {args.work / 'bench'}")
+
+        console.rule("fab finetune --device cpu  (50 records, 4 LoRA iterations -> ~/model/llama3_hf_merged)")
+        from llama3_ops.stages.finetune import tiny_cpu_finetune
+
+        ft_result = tiny_cpu_finetune(remote, console=console)
+        merged = srv.ServeConfig(engine="transformers", model="merged", env_bin_dir="~/envs/lmdeploy/bin",
+                                 name="llm-merged", port=23334)
+        ready = srv.serve(remote, merged, timeout=300, console=console).ready
+        console.print(Panel(
+            f"merged model: {ft_result.merged_path}\n"
+            f"XTuner's eval answer after training: {ft_result.eval_answer!r}\n"
+            f"the merged model's answer: {ft_result.merged_answer!r}\n"
+            f"served by fab serve --model merged on the host's 127.0.0.1:23334 ({ready.model_id if ready else '?'})",
+            title="fine-tune -> convert -> merge -> serve"))
+        srv.stop(remote, "llm-merged")
+
+        console.rule("fab webdemo  (Streamlit on the host's 127.0.0.1:8501, tunnelled here)")
+        from llama3_ops.stages import webdemo as webdemo_stage
+
+        rc = webdemo_stage.webdemo(remote, webdemo_stage.StreamlitConfig(model="base"), detach=True,
+                                   host=target.host, console=console)
+        if rc != 0:
+            raise SystemExit(f"the web demo did not start (exit {rc})")
         console.rule(f"demo finished in {time.monotonic() - t_start:.0f}s")
         if args.keep:
             console.print(f"kept: ssh -i {lab.key} -o UserKnownHostsFile={target.known_hosts} "
@@ -144,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             tunnel.down("demo")
+            tunnel.down("webdemo")
             lab.down(NAME, IDX)
     return 0
 
