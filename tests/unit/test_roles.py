@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -168,3 +170,29 @@ def test_conda_is_never_updated_and_envs_are_created_once() -> None:
     assert creates, "no conda create task found"
     for t in creates:
         assert str(t["ansible.builtin.command"]["creates"]).endswith("/bin/python"), t["name"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("profile", ["course", "current"])
+def test_locked_profiles_install_their_hash_locks(profile: str, tmp_path: Path) -> None:
+    """The python_env role in check mode on localhost: every env of a GPU profile installs its committed
+    lock with hash checking (a conda prefix exists, so nothing is downloaded; check mode runs nothing)."""
+    envs = yaml.safe_load((ROOT / "profiles" / f"{profile}.yml").read_text())["python_env"]["envs"]
+    home = tmp_path / "home"
+    (home / "miniforge3" / "bin").mkdir(parents=True)
+    (home / "miniforge3" / "bin" / "conda").touch()
+    play = tmp_path / "play.yml"
+    play.write_text(yaml.safe_dump([{"name": "python_env", "hosts": "localhost", "connection": "local",
+                                     "gather_facts": True, "gather_subset": ["min"],
+                                     "roles": ["llama3", "llama3_python_env"]}]))
+    extra = {"llama3_profile": profile, "llama3_user_home": str(home), "llama3_python_env_pip_conf": False,
+             "ansible_python_interpreter": sys.executable}
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+           "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "--check",
+                           "-e", json.dumps(extra), str(play)], env=env, capture_output=True,
+                          text=True, check=False, timeout=300)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for name in envs:
+        assert (f"Would install into {home}/miniforge3/envs/{name}: the lock "
+                f"{ROOT}/roles/llama3_python_env/../../locks/{profile}/{name}.txt (hash-checked)") in out, out[-3000:]
