@@ -5,6 +5,7 @@
     nox -s lint        ruff, mypy, ansible-lint (production profile)
     nox -s bench_provision / bench / bench_tunnel / crosscheck    benchmarks -> results/*.json
     nox -s lock        recompile the hash locks (locks/<profile>/<env>.txt) with uv
+    nox -s wheelhouse -- PROFILE    wheels for offline hosts (llama3_offline=true)
 """
 
 from __future__ import annotations
@@ -138,6 +139,16 @@ def lock(session: nox.Session) -> None:
     session.install("uv==0.13.9", "rich>=13", "pyyaml>=6", "packaging>=23")
     session.install("--no-deps", "-e", ".")
     session.run("python", "-m", "llama3_ops.locks", "compile", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def wheelhouse(session: nox.Session) -> None:
+    """Build a profile's wheelhouse for offline hosts: `nox -s wheelhouse -- cpu [--out DIR] [--env NAME]`."""
+    _install(session)
+    args = list(session.posargs) or ["cpu"]
+    if "--out" not in args:
+        args += ["--out", str(ROOT / "wheelhouse" / args[0])]
+    session.run("python", "-m", "llama3_ops.wheelhouse", *args)
 
 
 @nox.session(python=PYTHON)
