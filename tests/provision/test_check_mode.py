@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 
 
 def test_check_mode_on_a_fresh_host(lab: FreshHostLab, lfs_repo: Path, tmp_path: Path) -> None:
-    with lab.host(*slot_name("chk", 4)) as target:
-        lab.put("chk", 4, lfs_repo, "/srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git")
+    name, idx = slot_name("chk", 4)
+    with lab.host(name, idx) as target:
+        lab.put(name, idx, lfs_repo, "/srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git")
         inv = write_inventory(tmp_path / "inv.yml", [target], {
             "llama3_profile": "cpu",
             "llama3_model_git_url": "file:///srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git"})

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from hostlab import MODEL_DIR, STAMP, Provisioned
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 
 
@@ -33,8 +35,14 @@ def test_each_env_imports_cpu_torch_and_transformers(provisioned: Provisioned, e
     out = provisioned.sh(f"~/envs/{env}/bin/python -c 'import torch, transformers; "
                          "print(torch.__version__, transformers.__version__, torch.cuda.is_available())'")
     torch_version, transformers_version, cuda = out.split()
-    assert torch_version == "2.13.0+cpu"
-    assert transformers_version == "5.24.0"
+    # The pins come from the profile: llama3 runs XTuner 0.2.0 (transformers 4.48.0), lmdeploy serves
+    # with transformers 5.24.0.
+    import yaml
+
+    pins = dict(p.split("==", 1) for p in yaml.safe_load((ROOT / "profiles" / "cpu.yml").read_text())
+                ["python_env"]["envs"][env]["packages"] if "==" in p)
+    assert torch_version == pins["torch"] == "2.13.0+cpu"
+    assert transformers_version == pins.get("transformers", pins.get("transformers[serving]"))
     assert cuda == "False"
 
 
