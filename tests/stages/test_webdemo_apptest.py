@@ -8,17 +8,13 @@ same app under the host's transformers 4.48 is covered by tests/stages/test_webd
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llama3_ops.bench.standin import free_port, wait_http_ok
-from llama3_ops.procs import stop_process
+from llama3_ops.bench.standin import free_port, transformers_serve_process
 from llama3_ops.stages.webdemo import WEBDEMO_APP
 
 if os.environ.get("CI"):
@@ -142,24 +138,12 @@ def test_missing_model_is_one_clear_message_on_the_page(app_script: Path, app_en
 
 @pytest.fixture(scope="module")
 def tserve(tiny_model: Path) -> Iterator[str]:
-    """A real ``transformers serve`` with the tiny model (the pattern of tests/bench/test_online_cpu.py)."""
-    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
-    if not Path(exe).exists():
-        pytest.skip("transformers CLI not installed (pip install 'llama3-ops[model]')")
-    port = free_port()
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen(
-        [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(tiny_model)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
+    """A real ``transformers serve`` with the tiny model (the same helper tests/bench uses)."""
     try:
-        wait_http_ok(base + "/health", 120.0, proc)
-        yield base
-    finally:
-        stop_process(proc, timeout=15)
+        with transformers_serve_process(str(tiny_model)) as base:
+            yield base
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 def test_api_backend_chats_with_transformers_serve(app_script: Path, app_env: pytest.MonkeyPatch,
