@@ -66,7 +66,7 @@ def serve(c: Connection, model: str = "base", engine: str = "lmdeploy", backend:
                           max_batch_size=max_batch_size, session_len=session_len)
     try:
         result = srv.serve(remote, cfg, restart=restart, console=console)
-    except (srv.ServeConfigError, services.ServiceError, NotReadyError) as exc:
+    except (srv.ServeConfigError, services.ServiceError, NotReadyError, GPUCheckError) as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(1)
     spec = tunnel.TunnelSpec(target=remote.target, remote_port=port, local_port=local_port)

@@ -29,6 +29,7 @@ from llama3_ops import health, services
 from llama3_ops.connection import SSHError, SSHTarget
 from llama3_ops.ports import DEFAULT_PORT
 from llama3_ops.services import Arg, Remote, Secret, ServiceSpec, ServiceStatus
+from llama3_ops.stages import gpu
 
 MODELS: dict[str, str] = {
     "base": "~/model/Meta-Llama-3-8B-Instruct",
@@ -55,7 +56,7 @@ class ServeConfig:
     backend: Literal["turbomind", "pytorch"] = "turbomind"
     tp: int = 1
     cache_max_entry_count: float = 0.5
-    quant_policy: Literal[0, 4, 8] = 0
+    quant_policy: Literal[0, 4, 8, 16] = 0  # 16: fp8 KV cache (lmdeploy >= 0.10 PyTorch engine)
     max_batch_size: int = 64
     session_len: int = 8192
     model_format: str | None = None  # None: awq for the 4bit model, hf otherwise
@@ -83,8 +84,10 @@ class ServeConfig:
             raise ServeConfigError(f"unknown engine {self.engine!r} (lmdeploy|transformers)")
         if not 0 < self.port < 65536:
             raise ServeConfigError(f"bad port {self.port}")
-        if self.quant_policy not in (0, 4, 8):
-            raise ServeConfigError("quant_policy must be 0, 4 or 8")
+        if self.quant_policy not in (0, 4, 8, 16):
+            raise ServeConfigError("quant_policy must be 0, 4 (int4 KV), 8 (int8 KV) or 16 (fp8 KV)")
+        if self.tp < 1 or self.tp & (self.tp - 1):
+            raise ServeConfigError(f"--tp must be a power of two (1, 2, 4, 8), as lmdeploy requires; got {self.tp}")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ServeConfigError("cache_max_entry_count must be in (0, 1]")
 
@@ -206,6 +209,10 @@ def serve(
     home = services.remote_home(remote)
     spec = build_spec(cfg, home)
     check_host(remote, spec, cfg)
+    if cfg.engine == "lmdeploy" and not services.status(remote, cfg.name, log_lines=0).running:
+        # GPU count and memory for --tp N before anything starts (a running server holds the memory).
+        gpus = gpu.check_tp(remote, "serve", cfg.tp)
+        console.print(f"GPUs for --tp {cfg.tp}: " + gpu.memory_line(gpus))
     console.print(f"[bold]{cfg.name}[/] on {remote.label}: {spec.display()}")
     st, started_now = services.start(remote, spec, restart=restart, mode=mode)
     console.print(
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
     up.add_argument("--tp", type=int, default=1)
     up.add_argument("--cache-max-entry-count", type=float, default=0.5)
-    up.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8])
+    up.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8, 16])
     up.add_argument("--max-batch-size", type=int, default=64)
     up.add_argument("--session-len", type=int, default=8192)
     up.add_argument("--log-level", default="ERROR")
@@ -388,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.f:
                 return services.follow_logs(remote, args.name, args.n)
             sys.stdout.write(services.logs(remote, args.name, args.n))
-    except (ServeConfigError, health.NotReadyError, services.ServiceError, SSHError, RuntimeError) as exc:
+    except (ServeConfigError, health.NotReadyError, services.ServiceError, SSHError, RuntimeError,
+            gpu.GPUCheckError) as exc:
         con.print(f"error: {exc}", style="red", markup=False, highlight=False)
         return 1
     return 0

@@ -117,3 +117,41 @@ def test_disk_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu, "requirements", lambda: reqs)
     with pytest.raises(gpu.GPUCheckError, match=r"stage quantize writes ~1e\+06 GiB under .* only [0-9.]+ GiB is free"):
         gpu.check_disk(_remote(None), "quantize", str(tmp_path))
+
+
+H200 = {"name": "NVIDIA H200", "total": 143771, "used": 0}
+
+
+def test_tp_counts_gpus_and_names_the_fix(tmp_path: Path) -> None:
+    d = smi_dir(tmp_path / "smi", [dict(H100)])
+    msg = (r"stage serve with --tp 2 needs 2 GPUs; localhost has 1: 0 \(NVIDIA H100 80GB HBM3\)\. "
+           r"Use --tp 1 or fewer, or a host with more GPUs\.")
+    with pytest.raises(gpu.GPUCheckError, match=msg):
+        gpu.check_tp(_remote(d), "serve", 2)
+    assert [g.index for g in gpu.check_tp(_remote(d), "serve", 1)] == [0]
+    with pytest.raises(gpu.GPUCheckError, match="at least 1"):
+        gpu.check_tp(_remote(d), "serve", 0)
+
+
+def test_tp_splits_the_need_over_the_first_n_gpus(tmp_path: Path) -> None:
+    need = gpu.requirement("serve").gpu_mem_gb
+    # 10 GiB free on each of two 12 GiB cards: too little for tp 1, enough for half the weights each.
+    two_small = [dict(RTX3060, used=2048), dict(RTX3060, used=2048)]
+    d = smi_dir(tmp_path / "smi", two_small)
+    with pytest.raises(gpu.GPUCheckError, match="stage serve needs"):
+        gpu.check_tp(_remote(d), "serve", 1)
+    assert [g.index for g in gpu.check_tp(_remote(d), "serve", 2)] == [0, 1]
+    # GPU 1 busy: the message names it, the share and the basis.
+    write_gpus(d / "gpu-state.json", [dict(H200), dict(H200, used=140000), dict(H200)])
+    with pytest.raises(gpu.GPUCheckError) as err:
+        gpu.check_tp(_remote(d), "serve", 2)
+    msg = str(err.value)
+    assert f"needs ~{need / 2:.1f} GiB free on each of GPUs 0-1 (~{need:g} GiB split 2 ways)" in msg
+    assert "GPU 1 (NVIDIA H200) has 3.7 GiB free of 140.4 GiB" in msg and "GPU 0" not in msg.split(":", 1)[1]
+    assert len(gpu.check_tp(_remote(d), "serve", 1)) == 1
+
+
+def test_tp_without_nvidia_smi(tmp_path: Path) -> None:
+    msg = "stage serve with --tp 2 needs 2 NVIDIA GPUs: localhost has no nvidia-smi"
+    with pytest.raises(gpu.NoGPUError, match=msg):
+        gpu.check_tp(_remote(None), "serve", 2)

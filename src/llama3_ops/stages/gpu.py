@@ -199,6 +199,43 @@ def check_stage(remote: Remote, stage: str, gpu_index: int = 0) -> GPU | None:
     raise GPUCheckError(msg)
 
 
+def check_tp(remote: Remote, stage: str, tp: int) -> list[GPU]:
+    """Fail when the host has fewer than ``tp`` GPUs, or when one of the first ``tp`` cannot hold its share.
+
+    Tensor parallelism splits the weights evenly, so each of GPUs ``0..tp-1`` (the ones the engine
+    takes) needs ``gpu_mem_gb / tp`` free; the KV cache then takes its ratio of what is left on each.
+    ``tp == 1`` is :func:`check_stage` on GPU 0. Returns the GPUs that will be used.
+    """
+    if tp < 1:
+        raise GPUCheckError(f"stage {stage}: --tp must be at least 1, got {tp}")
+    if tp == 1:
+        g = check_stage(remote, stage)
+        return [g] if g is not None else []
+    req = requirement(stage)
+    try:
+        gpus = sorted(query_gpus(remote), key=lambda g: g.index)
+    except NoGPUError as exc:
+        raise NoGPUError(f"stage {stage} with --tp {tp} needs {tp} NVIDIA GPUs: {exc}") from exc
+    if len(gpus) < tp:
+        have = ", ".join(f"{g.index} ({g.name})" for g in gpus)
+        raise GPUCheckError(
+            f"stage {stage} with --tp {tp} needs {tp} GPUs; {remote.label} has {len(gpus)}: {have}. "
+            f"Use --tp {len(gpus)} or fewer, or a host with more GPUs."
+        )
+    share = req.gpu_mem_gb / tp
+    used = gpus[:tp]
+    short = [g for g in used if g.memory_total_mib >= 0 and g.memory_used_mib >= 0 and g.free_gib < share]
+    if short:
+        detail = "; ".join(f"GPU {g.index} ({g.name}) has {g.free_gib:.1f} GiB free of {g.total_gib:.1f} GiB"
+                           for g in short)
+        raise GPUCheckError(
+            f"stage {stage} with --tp {tp} needs ~{share:.1f} GiB free on each of GPUs 0-{tp - 1} "
+            f"(~{req.gpu_mem_gb:g} GiB split {tp} ways): {detail}. Stop what holds them (fab status / "
+            f"fab down; nvidia-smi on the host lists them). (Basis: {req.basis}.)"
+        )
+    return used
+
+
 def free_disk_gib(remote: Remote, path: str) -> float:
     """Free space (GiB) on the filesystem holding ``path`` (or its nearest existing parent)."""
     p = f'"$HOME"/{shlex.quote(path[2:])}' if path.startswith("~/") else shlex.quote(path)
