@@ -15,6 +15,12 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 log() { echo "[$(date +%T)] $*"; }
 # GPU utilisation and memory once a second while a phase runs (is the GPU the limit?).
 gpu_sampler() { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 > "$1" 2>&1 & echo $!; }
+# The busiest processes every 5 s for the whole phase (a single snapshot can fall into engine warm-up):
+# each frame is a time line and the top 6 processes by CPU.
+cpu_sampler() {
+  top -b -d 5 -w 200 -o %CPU | awk '/^top -/ {print "--", $3; n = 0; next} /^ *PID/ {n = 1; next} n && n++ <= 6' \
+    > "$1" 2>&1 & echo $!
+}
 
 case ${1:?phase} in
   setup)
@@ -32,13 +38,13 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
     name=$2; shift 2
     log "offline $name: $*"
     sampler=$(gpu_sampler "$WORK/results/gpu-util-offline-$name.csv")
+    cpus=$(cpu_sampler "$WORK/results/top-offline-$name.txt")
     python3 -m llama3_ops.bench offline --model "$MODEL" --backend pytorch --dataset "workload:$WORKLOAD" \
       --num-prompts 2000 --profile current --no-progress --out "$WORK/results/offline-$name" "$@" \
       2>&1 | tee "$WORK/results/offline-$name.log" | grep -vE "^\s*$" | tail -25 &
     pid=$!
-    (sleep 70; top -b -n 1 -w 200 | head -25 > "$WORK/results/top-offline-$name.txt") &
     wait $pid
-    kill "$sampler" 2>/dev/null || true ;;
+    kill "$sampler" "$cpus" 2>/dev/null || true ;;
   serve)
     name=$2; shift 2
     log "serve $name: $*"
@@ -47,12 +53,13 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
     model_id=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
     sampler=$(gpu_sampler "$WORK/results/gpu-util-online-$name.csv")
     for c in ${CONCURRENCY:-256 512}; do
-      # Who uses the CPU mid-run (engine process, API process, our client).
-      (sleep 25; top -b -n 1 -w 200 | head -25 > "$WORK/results/top-$name-c$c.txt") &
+      # Who uses the CPU during the run (engine process, API process, our client).
+      cpus=$(cpu_sampler "$WORK/results/top-$name-c$c.txt")
       python3 -m llama3_ops.bench online --base-url http://127.0.0.1:23333 --model "$model_id" \
         --dataset "workload:$WORKLOAD" --num-prompts 2000 --concurrency "$c" --profile current --no-progress \
         --engine lmdeploy --backend pytorch --engine-version 0.18.0 --out "$WORK/results/online-$name-c$c" \
         $SETTINGS 2>&1 | tee "$WORK/results/online-$name-c$c.log" | grep -vE "^\s*$" | tail -20
+      kill "$cpus" 2>/dev/null || true
     done
     kill "$sampler" 2>/dev/null || true
     cp "$HOME/.local/state/llama3-ops/logs/llm.log" "$WORK/results/server-$name.log" 2>/dev/null || true

@@ -209,6 +209,8 @@ def _closed_port() -> int:
         ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m", "--concurrency", "0"],
         ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m", "--concurrency", "4,x"],
         ["online", "--base-url", "127.0.0.1:{port}", "--model", "m"],
+        ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m", "--tp", "0"],
+        ["online", "--base-url", "http://127.0.0.1:{port}", "--model", "m", "--tp", "2", "--engine-setting", "tp=1"],
         ["offline", "--model", "/nonexistent/model"],
         ["offline", "--model", ".", "--dataset", "/nonexistent/sharegpt.json"],
     ],
@@ -223,3 +225,11 @@ def test_bad_input_exit_2_without_traceback(
     assert "error:" in err
     assert "Traceback" not in err
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_online_tp_is_checked_before_the_server_is_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["online", "--base-url", f"http://127.0.0.1:{_closed_port()}", "--model", "m", "--no-progress"]
+    assert main([*base, "--tp", "2", "--engine-setting", "tp=1"]) == 2
+    assert "--tp 2 contradicts --engine-setting tp=1" in capsys.readouterr().err
+    assert main([*base, "--tp", "0"]) == 2
+    assert "--tp must be at least 1, got 0" in capsys.readouterr().err

@@ -154,13 +154,23 @@ def _nothing_left(remote: services.SSHRemote, p: Provisioned, port: int = 8501) 
 def test_missing_model_is_one_clear_message_and_nothing_runs(
     provisioned: Provisioned, remote: services.SSHRemote, state_dir: Path, model: str, message: str
 ) -> None:
-    out = Out()
-    rc = wd.webdemo(remote, wd.StreamlitConfig(model=model), local_port=find_free_port(18701), detach=True,
-                    console=out.console)
-    assert rc == 1
-    errors = [line for line in out.text.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {message.format(label=remote.label)}"], out.text
-    _nothing_left(remote, provisioned)
+    # The session's host is shared: the fine-tune test may already have merged a model there. Move it
+    # aside for this test so "merged" is really missing, and put it back afterwards.
+    merged = f"{MODEL_DIR.rsplit('/', 1)[0]}/llama3_hf_merged"
+    provisioned.sh(f"if [ -e {merged} ]; then mv {merged} {merged}.aside; fi")
+    try:
+        out = Out()
+        rc = wd.webdemo(remote, wd.StreamlitConfig(model=model), local_port=find_free_port(18701), detach=True,
+                        console=out.console)
+        assert rc == 1, out.text
+        errors = [line for line in out.text.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: {message.format(label=remote.label)}"], out.text
+        _nothing_left(remote, provisioned)
+    finally:
+        if services.status(remote, "webdemo", log_lines=0).running:  # a failed assertion above: leave no app
+            tunnel.down("webdemo")
+            services.stop(remote, "webdemo")
+        provisioned.sh(f"if [ -e {merged}.aside ]; then mv {merged}.aside {merged}; fi")
 
 
 def test_busy_host_port_is_one_clear_message(

@@ -48,6 +48,18 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def online_settings(items: Sequence[str], tp: int | None) -> dict[str, Any]:
+    """``--engine-setting`` pairs plus ``--tp`` (recorded as ``tp``; the two must agree)."""
+    out = parse_settings(items)
+    if tp is not None:
+        if tp < 1:
+            raise BenchError(f"--tp must be at least 1, got {tp}")
+        if "tp" in out and out["tp"] != str(tp):
+            raise BenchError(f"--tp {tp} contradicts --engine-setting tp={out['tp']}")
+        out["tp"] = str(tp)
+    return out
+
+
 def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--concurrency", default="256", help="comma-separated list; one run per value (sweep)")
     ap.add_argument("--num-prompts", type=int, default=1000, help="requests per run point")
@@ -115,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="server settings for the record and the baseline key, e.g. max_batch_size=512",
+    )
+    on.add_argument(
+        "--tp", type=int, default=None, help="the server's tensor-parallel degree (fab serve --tp N), recorded"
     )
     _common(on)
 
@@ -244,6 +259,7 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
     u = urlparse(args.base_url)
     if u.scheme not in ("http", "https") or not u.netloc:
         raise BenchError(f"--base-url must be http(s)://host:port, got {args.base_url!r}")
+    server_settings = online_settings(args.engine_setting, args.tp)
     cfg = ClientConfig(
         base_url=args.base_url,
         model=args.model,
@@ -269,7 +285,7 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
         "name": args.engine,
         "version": args.engine_version,
         "backend": args.backend,
-        "settings": parse_settings(args.engine_setting),
+        "settings": server_settings,
     }
     out = _out_dir(args.out)
     prov = report.provenance()
