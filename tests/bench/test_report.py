@@ -162,6 +162,33 @@ def test_check_against_h100_baseline() -> None:
     assert not report.check_run(a100, baselines, 0.1).passed
 
 
+def test_tp_and_kv_quant_must_match_the_baseline() -> None:
+    baselines = report.load_baselines()
+    h100 = {"backend": "pytorch", "max_batch_size": 256, "cache_max_entry_count": 0.8}
+    # The H100 baseline names no tp: it is a one-GPU figure, so a tp=2 run is not compared with it.
+    assert report.check_run(_run(256, H100, rps=44.0, settings={**h100, "tp": 1}), baselines, 0.1).baseline_id
+    for other in ({"tp": 2}, {"tp": "2"}, {"quant_policy": 16}):
+        out = report.check_run(_run(256, H100, rps=1.0, settings={**h100, **other}), baselines, 0.1)
+        assert out.passed and out.baseline_id is None, other
+    # The H200 tp=2 baseline matches tp=2 only (online settings arrive as strings).
+    h200 = {"backend": "pytorch", "max_batch_size": "256", "cache_max_entry_count": "0.9"}
+    tp2 = report.check_run(_run(256, "NVIDIA H200", "online", rps=10.0, settings={**h200, "tp": "2"}), baselines, 0.1)
+    assert tp2.baseline_id == "h200-lmdeploy0.18-pytorch-online-b256-cache0.9-c256-tp2" and not tp2.passed
+    tp1 = report.check_run(_run(256, "NVIDIA H200", "online", rps=38.0, settings=h200), baselines, 0.1)
+    assert tp1.baseline_id == "h200-lmdeploy0.18-pytorch-online-b256-cache0.9-c256-tp1" and tp1.passed
+
+
+def test_committed_h200_runs_pass_against_their_own_baselines(capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parents[2] / "results" / "h200x2" / "2026-12-01" / "results"
+    runs = sorted(root.glob("*-tp*-c256/*-c0256.json"))
+    assert len(runs) == 4
+    assert main(["check", *map(str, runs)]) == 0
+    out = capsys.readouterr().out
+    for tp in (1, 2):
+        for mode in ("offline", "online"):
+            assert f"h200-lmdeploy0.18-pytorch-{mode}-b256-cache0.9-c256-tp{tp}" in out
+
+
 def test_check_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = report.write_json_atomic(
         tmp_path / "good.json",

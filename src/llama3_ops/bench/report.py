@@ -219,17 +219,20 @@ def load_baselines(path: Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
+# Engine defaults for key settings a record may leave out: a run or baseline without ``tp`` ran on one
+# GPU, one without ``quant_policy`` had no KV quantization. A tp=2 run never matches a tp=1 baseline.
+SETTING_DEFAULTS: dict[str, Any] = {"tp": 1, "quant_policy": 0}
+
+
 def baseline_matches(baseline: dict[str, Any], run: dict[str, Any]) -> bool:
-    """Same GPU model, same mode, and every setting the baseline names equal in the run."""
+    """Same GPU model, same mode, every setting the baseline names equal in the run, and the same
+    ``tp`` and ``quant_policy`` (:data:`SETTING_DEFAULTS` where either side leaves them out)."""
     run_gpu = gpu_key(str(run["provenance"]["gpu"]["name"]))
     if baseline["gpu_key"] != run_gpu or baseline["mode"] != run["mode"]:
         return False
-    rs = run["settings"]
-    return all(
-        rs.get(k) is not None and _norm(rs[k]) == _norm(v)
-        for k, v in baseline["settings"].items()
-        if k in KEY_FIELDS
-    )
+    bs = {**SETTING_DEFAULTS, **{k: v for k, v in baseline["settings"].items() if v is not None}}
+    rs = {**SETTING_DEFAULTS, **{k: v for k, v in run["settings"].items() if v is not None}}
+    return all(k in rs and _norm(rs[k]) == _norm(v) for k, v in bs.items() if k in KEY_FIELDS)
 
 
 def comparable(baselines: Iterable[dict[str, Any]], run: dict[str, Any]) -> list[dict[str, Any]]:
