@@ -11,14 +11,17 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,3 +210,40 @@ def stream_worker(url: str, model: str, max_tokens: int, out: dict[str, object])
     except Exception as exc:
         out["ok"] = False
         out["error"] = f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class KilledMidStream:
+    """What :func:`kill_ssh_mid_stream` saw: the reconnect, and each in-flight stream's outcome."""
+
+    old_pid: int
+    reconnect: Any  # llama3_ops.tunnel.Reconnect
+    results: list[dict[str, object]]
+
+    @property
+    def lost(self) -> int:
+        return sum(1 for r in self.results if not r.get("ok"))
+
+
+def kill_ssh_mid_stream(tun: Any, model_id: str, events: list[str], streams: int = 3,
+                        max_tokens: int = 40, reconnect_within: float = 15.0) -> KilledMidStream:
+    """Start ``streams`` streamed chats through ``tun``, SIGKILL its ssh once the first has tokens,
+    wait for the tunnel's reconnect and for every stream to end. Asserts that both happen."""
+    results: list[dict[str, object]] = [{} for _ in range(streams)]
+    threads = [threading.Thread(target=stream_worker, args=(tun.url, model_id, max_tokens, r)) for r in results]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not results[0].get("tokens") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert results[0].get("tokens"), "first stream never started"
+    old = tun.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)  # the tunnel's ssh process dies mid-stream
+    killed_at = time.monotonic()
+    while not tun.reconnects and time.monotonic() - killed_at < reconnect_within:
+        time.sleep(0.02)
+    assert tun.reconnects, f"no reconnect: {events}"
+    for t in threads:
+        t.join(timeout=120)
+    return KilledMidStream(old, tun.reconnects[0], results)

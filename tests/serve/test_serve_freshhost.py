@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +19,7 @@ from llama3_ops import services, tunnel
 from llama3_ops.ports import find_free_port, is_port_free, port_accepts
 from llama3_ops.tunnel import OpenSSHTunnel, TunnelSpec
 
-from .conftest import stream_worker
+from .conftest import kill_ssh_mid_stream, stream_worker
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,26 +114,10 @@ def test_tunnel_heals_after_ssh_kill_and_network_outage(provisioned: Provisioned
     tun.start()
     try:
         # 1. The ssh process dies while three streams are in flight.
-        results: list[dict[str, object]] = [{} for _ in range(3)]
-        threads = [threading.Thread(target=stream_worker, args=(tun.url, model_id, 40, r)) for r in results]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while not results[0].get("tokens") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert results[0].get("tokens"), "first stream never started"
-        old = tun.pid
-        assert old is not None
-        os.kill(old, signal.SIGKILL)
-        while not tun.reconnects and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert tun.reconnects, f"no reconnect: {events}"
-        rec = tun.reconnects[0]
-        for t in threads:
-            t.join(timeout=120)
-        lost = sum(1 for r in results if not r.get("ok"))
+        killed = kill_ssh_mid_stream(tun, model_id, events)
+        rec = killed.reconnect
         print(f"\n[fresh host] ssh killed -> back in {rec.seconds:.2f}s ({rec.attempts} attempt(s), server "
-              f"{rec.health}); in-flight streams lost: {lost}/{len(results)}")
+              f"{rec.health}); in-flight streams lost: {killed.lost}/{len(killed.results)}")
         assert rec.seconds < 5 and rec.health == "healthy"
         after: dict[str, object] = {}
         stream_worker(tun.url, model_id, 5, after)

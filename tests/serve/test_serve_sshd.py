@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from llama3_ops.connection import HostKeyMismatchError
 from llama3_ops.ports import find_free_port, listening_pids, port_accepts
 from llama3_ops.tunnel import OpenSSHTunnel, ParamikoTunnel, TunnelSpec
 
-from .conftest import SSHHost, stream_worker
+from .conftest import SSHHost, kill_ssh_mid_stream, stream_worker
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 
@@ -117,31 +116,12 @@ def test_openssh_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served:
     tun = OpenSSHTunnel(_tunnel_spec(ssh_target, served), on_event=events.append)
     tun.start()
     try:
-        results: list[dict[str, object]] = [{} for _ in range(3)]
-        threads = [
-            threading.Thread(target=stream_worker, args=(tun.url, served.model_id, 40, r)) for r in results
-        ]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while not results[0].get("tokens") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert results[0].get("tokens"), "first stream never started"
-        old = tun.pid
-        assert old is not None
-        os.kill(old, signal.SIGKILL)  # the tunnel's ssh process dies mid-stream
-        killed_at = time.monotonic()
-        while not tun.reconnects and time.monotonic() - killed_at < 15:
-            time.sleep(0.02)
-        assert tun.reconnects, f"no reconnect: {events}"
-        rec = tun.reconnects[0]
-        assert tun.pid != old
-        for t in threads:
-            t.join(timeout=120)
-        lost = sum(1 for r in results if not r.get("ok"))
+        killed = kill_ssh_mid_stream(tun, served.model_id, events)
+        rec = killed.reconnect
+        assert tun.pid != killed.old_pid
         print(
             f"\n[reconnect] openssh: ssh killed -> listener back in {rec.seconds:.2f}s "
-            f"({rec.attempts} attempt(s), server {rec.health}); in-flight lost: {lost}/{len(results)}"
+            f"({rec.attempts} attempt(s), server {rec.health}); in-flight lost: {killed.lost}/{len(killed.results)}"
         )
         assert rec.seconds < 5
         assert rec.health == "healthy"
