@@ -260,3 +260,13 @@ def test_online_tp_is_checked_before_the_server_is_asked(capsys: pytest.CaptureF
     assert "--tp 2 contradicts --engine-setting tp=1" in capsys.readouterr().err
     assert main([*base, "--tp", "0"]) == 2
     assert "--tp must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_aiperf_gets_the_same_sampling_as_our_client() -> None:
+    from llama3_ops.bench.crosscheck import aiperf_command
+
+    cmd = aiperf_command("aiperf", "http://127.0.0.1:1", "m", Path("/tok"), 4, 32, 128, 32, Path("/a"), True)
+    extra = cmd[cmd.index("--extra-inputs") + 1 :]
+    assert extra == ["temperature:0.0", "top_p:1.0", "ignore_eos:true"]
+    cmd = aiperf_command("aiperf", "http://127.0.0.1:1", "m", Path("/tok"), 4, 32, 128, 32, Path("/a"), False, 0.7, 0.9)
+    assert cmd[cmd.index("--extra-inputs") + 1 :] == ["temperature:0.7", "top_p:0.9"]

@@ -219,8 +219,14 @@ def standin_process(
 
 
 @contextlib.contextmanager
-def transformers_serve_process(model_dir: str, port: int | None = None, timeout_s: float = 120.0) -> Iterator[str]:
-    """Run a real ``transformers serve`` on CPU for ``model_dir``; yields its base URL."""
+def transformers_serve_process(
+    model_dir: str, port: int | None = None, timeout_s: float = 120.0, cpus: set[int] | None = None
+) -> Iterator[str]:
+    """Run a real ``transformers serve`` on CPU for ``model_dir``; yields its base URL.
+
+    ``cpus`` pins the server (and its torch threads) to those cores, so that a load generator on the
+    other cores does not slow it down.
+    """
     import os
     import shutil
     from pathlib import Path
@@ -229,11 +235,15 @@ def transformers_serve_process(model_dir: str, port: int | None = None, timeout_
     if not Path(exe).exists():
         raise FileNotFoundError("transformers CLI not installed (pip install 'llama3-ops[model]')")
     port = port or free_port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    if cpus:
+        env["OMP_NUM_THREADS"] = str(len(cpus))
     proc = subprocess.Popen(
         [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", model_dir],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        env=env,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     base = f"http://127.0.0.1:{port}"
     try:
