@@ -78,12 +78,19 @@ def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provis
     # `last_checkpoint` pointer: the tiny model's 4 CPU iterations can all end within one of the
     # stage's 2 s progress polls, so killing from the progress callback raced the end of training.
     provisioned.sh(
-        f"rm -f {WORK}/last_checkpoint /tmp/finetune-killed && "
-        "setsid nohup sh -c 'ok=; "
+        # `;` and setsid -f: the watcher alone goes to the background, with no hold on ssh's output
+        # pipe (a backgrounded `rm && setsid ...` list kept it, and ssh waited for the watcher).
+        f"rm -f {WORK}/last_checkpoint /tmp/finetune-killed; "
+        "setsid -f sh -c 'ok=; "
         f"for i in $(seq 1 12000); do if [ -s {WORK}/last_checkpoint ]; then ok=1; break; fi; sleep 0.05; done; "
-        # [n]: the pattern must not match this shell's own command line
-        "[ -n \"$ok\" ] && pkill -KILL -f xtuner/tools/trai[n].py && date +%s.%N > /tmp/finetune-killed' "
-        ">/dev/null 2>&1 </dev/null &"
+        # Kill the training's whole process group (the service's wrapper too: `xtuner train` itself exits 0
+        # when its train.py child dies). /proc, not pgrep: minimal hosts lack procps. [n]: the pattern must
+        # not match this shell's own command line. `kill -s KILL --`: dash's kill reads `-KILL --` as a pid.
+        "[ -n \"$ok\" ] || exit 0; pg=; for d in /proc/[0-9]*; do "
+        "if tr \"\\000\" \" \" < $d/cmdline 2>/dev/null | grep -q xtuner/tools/trai[n].py; then "
+        "pg=$(cut -d\" \" -f5 $d/stat); break; fi; done; "
+        "[ -n \"$pg\" ] && kill -s KILL -- -$pg && date +%s.%N > /tmp/finetune-killed' "
+        ">/dev/null 2>&1 </dev/null"
     )
     console, out = _console()
     t = time.monotonic()
