@@ -83,19 +83,24 @@ def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provis
         f"rm -f {WORK}/last_checkpoint /tmp/finetune-killed; "
         "setsid -f sh -c 'ok=; "
         f"for i in $(seq 1 12000); do if [ -s {WORK}/last_checkpoint ]; then ok=1; break; fi; sleep 0.05; done; "
-        # Kill the training's whole process group (the service's wrapper too: `xtuner train` itself exits 0
-        # when its train.py child dies). /proc, not pgrep: minimal hosts lack procps. [n]: the pattern must
+        # Kill the training's whole process group (the stage runs `python -m xtuner.tools.train` as a
+        # supervised service). /proc, not pgrep: minimal hosts lack procps. [n]: the pattern must
         # not match this shell's own command line. `kill -s KILL --`: dash's kill reads `-KILL --` as a pid.
         "[ -n \"$ok\" ] || exit 0; pg=; for d in /proc/[0-9]*; do "
-        "if tr \"\\000\" \" \" < $d/cmdline 2>/dev/null | grep -q xtuner/tools/trai[n].py; then "
+        "if tr \"\\000\" \" \" < $d/cmdline 2>/dev/null | grep -q xtuner.tools.trai[n]; then "
         "pg=$(cut -d\" \" -f5 $d/stat); break; fi; done; "
+        "echo \"checkpoint seen, group ${pg:-none}\"; "
         "[ -n \"$pg\" ] && kill -s KILL -- -$pg && date +%s.%N > /tmp/finetune-killed' "
-        ">/dev/null 2>&1 </dev/null"
+        ">/tmp/finetune-watch.log 2>&1 </dev/null"
     )
     console, out = _console()
     t = time.monotonic()
-    with pytest.raises(FinetuneError) as err:
-        finetune.run_finetune(remote, count=50, console=console)
+    try:
+        with pytest.raises(FinetuneError) as err:
+            finetune.run_finetune(remote, count=50, console=console)
+    except BaseException:
+        print("kill watcher:", provisioned.sh("cat /tmp/finetune-watch.log; ls -la " + WORK, check=False))
+        raise
     timings["killed run"] = time.monotonic() - t
     assert provisioned.exists("/tmp/finetune-killed"), f"the watcher never killed the training: {err.value}"
     msg = str(err.value)
