@@ -16,8 +16,11 @@ N=${NUM_PROMPTS:-1000}
 C=${CONC:-256}
 CACHE=${CACHE:-0.9}
 TPS=${TPS:-1 2}
-ENVS=(--env NCCL_NVLS_ENABLE=0 --env TORCH_SYMM_MEM_DISABLE_MULTICAST=1 --env NVSHMEM_DISABLE_NVLS=1
-      --env LMDEPLOY_EXECUTOR_BACKEND=mp)
+# The same variables, handed to the served environment.
+ENVS=()
+for v in NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS LMDEPLOY_EXECUTOR_BACKEND; do
+  ENVS+=(--env "$v=${!v}")
+done
 t0=$(date +%s)
 phase() {  # phase LIMIT_S CMD... : run, record rc and seconds, pack
   local lim=$1; shift; local s; s=$(date +%s)

@@ -206,12 +206,11 @@ def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> 
     # under our client, and the comparison would be about the server. So the server gets core 0 and
     # both load generators (this process, and AIPerf, which inherits its affinity) the others.
     all_cpus = os.sched_getaffinity(0)
-    split = len(all_cpus) >= 2
-    server_cpus = {min(all_cpus)} if split else None
+    server_cpus = {min(all_cpus)} if len(all_cpus) >= 2 else None
     with transformers_serve_process(str(model), timeout_s=600, cpus=server_cpus) as base:
         console.rule("transformers serve, tiny model, concurrency 4")
-        if split:
-            os.sched_setaffinity(0, all_cpus - {min(all_cpus)})
+        if server_cpus:
+            os.sched_setaffinity(0, all_cpus - server_cpus)
         try:
             res = crosscheck(base_url=base, model=str(model), tokenizer_dir=model, concurrency=4,
                              num_prompts=192, input_len=128, output_len=32, aiperf=aiperf, out=out / "tserve-c4",
