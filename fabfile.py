@@ -225,13 +225,14 @@ def _finetune_errors(run: object) -> None:
             "system": "system prompt of the records (default: the course's)",
             "base_model": "base | a model path on the host",
             "device": "auto | gpu | cpu (cpu: LoRA instead of QLoRA, --cpu-iters iterations)",
+            "max_iters": "a short GPU run of N iterations (0: the course's 3 epochs)",
             "until": "train | convert | merge (default merge: all the way)"})
 def finetune(c: Connection, name: str = "SmartFlowAI", count: int = 2000, system: str = "", base_model: str = "base",
-             device: str = "auto", cpu_iters: int = 4, until: str = "merge") -> None:
+             device: str = "auto", cpu_iters: int = 4, max_iters: int = 0, until: str = "merge") -> None:
     """Self-cognition fine-tune: dataset, xtuner train, pth_to_hf, merge into ~/model/llama3_hf_merged."""
     _finetune_errors(lambda: ft.run_finetune(
         _remote(c), name=name, count=count, system=system or None, base_model=base_model,
-        device=device, cpu_iters=cpu_iters, until=until, console=console))  # type: ignore[arg-type]
+        device=device, cpu_iters=cpu_iters, max_iters=max_iters, until=until, console=console))  # type: ignore[arg-type]
 
 
 @task(help={"data_dir": "Agent-FLAN's data/ folder on the host",

@@ -99,8 +99,24 @@ def test_missing_env_is_refused(tmp_path: Path) -> None:
     ({"name": "  "}, "name must not be empty"),
     ({"device": "tpu"}, "device must be auto, gpu or cpu"),
     ({"until": "deploy"}, "until must be one of train, convert, merge"),
+    ({"max_iters": 1}, "a short run needs max_iters >= 2"),
+    ({"max_iters": -3}, "a short run needs max_iters >= 2"),
 ])
 def test_bad_dataset_parameters(tmp_path: Path, kwargs: dict[str, object], needle: str) -> None:
     home = host_home(tmp_path, "cpu")
     with pytest.raises(FinetuneError, match=needle):
         finetune.run_finetune(remote(home, None), **kwargs)  # type: ignore[arg-type]
+
+
+def test_local_main_reports_the_error_and_writes_it_to_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m llama3_ops.stages.finetune --local`` (the device run): one message, exit 1, the JSON says why."""
+    home = host_home(tmp_path, "course")
+    smi = smi_dir(tmp_path / "smi", [dict(H100)])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PATH", f"{smi}:{base_path()}")
+    out = tmp_path / "ft.json"
+    rc = finetune.main(["--local", "--count", "5", "--max-iters", "8", "--json", str(out)])
+    assert rc == 1
+    assert "base model" in capsys.readouterr().err
+    assert "does not exist" in json.loads(out.read_text())["error"]

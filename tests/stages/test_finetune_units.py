@@ -121,6 +121,20 @@ def test_cpu_variant_is_plain_lora_with_few_iterations() -> None:
     compile(text, "config.py", "exec")
 
 
+def test_short_gpu_run_keeps_the_course_model_settings() -> None:
+    short = COURSE.short(32)
+    text = render(INPUTS, short)
+    s = settings(text)
+    assert "BitsAndBytesConfig" in text and "AmpOptimWrapper" in text, "still QLoRA NF4 with fp16 AMP"
+    assert s["max_iters"] == 32 and s["save_steps"] == 16 and s["accumulative_counts"] == 16
+    assert s["evaluation_freq"] == 33, "the hook answers before and after training only"
+    assert ast.literal_eval(call_kwargs(text, "LoraConfig")["r"]) == 16
+    assert short.eval_max_new_tokens == 64 and short.log_interval == 4
+    with pytest.raises(ConfigError, match="max_iters >= 2"):
+        COURSE.short(1)
+    compile(text, "config.py", "exec")
+
+
 def test_agent_flan_config_is_r64_at_4096_from_disk_with_openai_map_fn() -> None:
     inputs = ConfigInputs(
         name="agent-finetune", fab_task="agent-finetune", course_config="x.py", model_path="/m",

@@ -36,14 +36,16 @@ settings or data start a new run, and the previous work dir is moved to ``<work 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from rich.console import Console
@@ -681,19 +683,25 @@ def run_finetune(
     base_model: str = "base",
     device: Device = "auto",
     cpu_iters: int = 4,
+    max_iters: int = 0,
     until: Step = "merge",
+    env_bin: str | None = None,
     console: Console | None = None,
     on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
 ) -> FinetuneResult:
-    """``fab finetune``: self-cognition data for ``name`` -> train -> convert -> merge."""
+    """``fab finetune``: self-cognition data for ``name`` -> train -> convert -> merge.
+
+    ``max_iters`` > 0 makes a GPU run short (:meth:`TrainParams.short`); CPU runs use ``cpu_iters``.
+    """
     data = SelfCognition(name=name, count=count, **({"system": system} if system is not None else {}),
                          **({"maker": maker} if maker is not None else {}))
     try:
         data.validate()
-    except ValueError as exc:
+        params = COURSE.short(max_iters) if max_iters else COURSE
+    except (ValueError, ConfigError) as exc:
         raise FinetuneError(str(exc)) from exc
-    return run(remote, self_cognition_job(data), base_model=base_model, device=device, cpu_iters=cpu_iters,
-               console=console, on_progress=on_progress, until=until)
+    return run(remote, self_cognition_job(data, params), base_model=base_model, device=device, cpu_iters=cpu_iters,
+               env_bin=env_bin, console=console, on_progress=on_progress, until=until)
 
 
 def tiny_cpu_finetune(remote: Remote, console: Console | None = None) -> FinetuneResult:
@@ -701,7 +709,46 @@ def tiny_cpu_finetune(remote: Remote, console: Console | None = None) -> Finetun
     return run_finetune(remote, count=50, device="cpu", cpu_iters=4, console=console)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m llama3_ops.stages.finetune --local [options]`` (the device run)."""
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.stages.finetune",
+                                 description="fab finetune on this machine (needs ~/llama3-course/host.json)")
+    ap.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
+    ap.add_argument("--name", default="SmartFlowAI")
+    ap.add_argument("--count", type=int, default=2000)
+    ap.add_argument("--base-model", default="base")
+    ap.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
+    ap.add_argument("--max-iters", type=int, default=0, help="a short GPU run (0: the course's 3 epochs)")
+    ap.add_argument("--cpu-iters", type=int, default=4)
+    ap.add_argument("--until", default="merge", choices=list(STEPS))
+    ap.add_argument("--env-bin", help="bin dir of the env with XTuner (default: host.json's llama3 env)")
+    ap.add_argument("--json", help="write the result here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    con = Console(stderr=True)
+    try:
+        res = run_finetune(services.LocalRemote(), name=args.name, count=args.count, base_model=args.base_model,
+                           device=args.device, cpu_iters=args.cpu_iters, max_iters=args.max_iters,
+                           until=args.until, env_bin=args.env_bin, console=con)
+    except FinetuneError as exc:
+        con.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n", encoding="utf-8")
+        return 1
+    if args.json:
+        out = {**asdict(res), "params": asdict(res.params), "params_text": _detail_params(res.params)}
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
 __all__: Sequence[str] = (
     "AGENT_FLAN", "COURSE", "FinetuneDetached", "FinetuneError", "FinetuneResult", "HostInfo", "Job",
-    "merged_ready", "read_host", "run", "run_finetune", "self_cognition_job", "tiny_cpu_finetune",
+    "main", "merged_ready", "read_host", "run", "run_finetune", "self_cognition_job", "tiny_cpu_finetune",
 )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,6 +84,21 @@ class TrainParams:
             seed=0 if self.seed is None else self.seed,
         )
 
+    def short(self, max_iters: int) -> TrainParams:
+        """A short run with the same model settings (a GPU smoke test): ``max_iters`` iterations
+        (micro-batches; an optimizer step every ``accumulative_counts``) instead of ``max_epochs``, a
+        checkpoint halfway and at the end, and evaluation answers capped at 64 tokens before and after."""
+        if max_iters < 2:
+            raise ConfigError(f"a short run needs max_iters >= 2 (checkpoints halfway and at the end), got {max_iters}")
+        return replace(
+            self,
+            max_iters=max_iters,
+            save_steps=max_iters // 2,
+            evaluation_freq=max_iters + 1,
+            eval_max_new_tokens=min(self.eval_max_new_tokens, 64),
+            log_interval=min(self.log_interval, max(1, max_iters // 8)),
+        )
+
     @property
     def on_cpu(self) -> bool:
         return self.model_class == "CPUSupervisedFinetune"
