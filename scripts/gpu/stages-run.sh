@@ -3,8 +3,8 @@
 # (llama3_ops.stages.chat / .quantize with a LocalRemote): run from the repo root there, with the
 # lmdeploy 0.18 wheelhouse carried as .whl (../shared/device/prepare-lmdeploy-wheels.sh) and $OUT set.
 #
-#   scripts/gpu/stages-run.sh [--dry-run] [PHASE...]      phases: setup chat quantize chat4bit summary
-#                                                         (default: all, in that order)
+#   scripts/gpu/stages-run.sh [--dry-run] [PHASE...]      phases: setup chat quantize chat4bit llava summary
+#                                                         (default: all but llava, in that order)
 # Environment knobs:
 #   WORK=.gpu-work   CALIB_SAMPLES=128   CALIB_SEQLEN=1024   SESSION_LEN=512   CACHE=0.01
 #
@@ -17,6 +17,9 @@
 #             as the `quantize` service, into MODEL_4bit (atomic, marker file)
 #   chat4bit  the same chat with the 4-bit model (0.18's PyTorch engine: Triton AWQ kernels; the
 #             TurboMind extension is not carried: it is built for CUDA 12, the machine has CUDA 13)
+#   llava     `fab llava`'s code (llama3_ops.stages.llava --local) on a LLaVA-Llama-3-8B-shaped
+#             checkpoint (transformers format, random weights: llama3_ops.llava_checkpoint) and a
+#             generated PNG, through lmdeploy's pipeline
 #   summary   $OUT/stages-summary.json (every phase's exit status, seconds, GPU memory, AWQ marker)
 # Logs: $OUT/stages-<phase>.log. Budget: about 6-7 minutes on an H100 (engine starts ~50 s each,
 # quantization ~2-3 min); CALIB_SAMPLES=32 shortens the calibration if needed.
@@ -27,6 +30,7 @@ PHASES=${*:-setup chat quantize chat4bit summary}
 WORK=${WORK:-.gpu-work}
 OUT=${OUT:-$WORK/out}
 MODEL=$PWD/$WORK/Meta-Llama-3-8B-Instruct
+LLAVA=$PWD/$WORK/llava-llama-3-8b-v1_1-hf
 SITE=/tmp/site
 CALIB_SAMPLES=${CALIB_SAMPLES:-128}
 CALIB_SEQLEN=${CALIB_SEQLEN:-1024}
@@ -66,9 +70,11 @@ for phase in $PHASES; do
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       # fail here, not minutes later, if the wheelhouse lacks something the stages import
       run setup "$PY" -c "import lmdeploy, lmdeploy.cli.chat, lmdeploy.lite.apis.auto_awq, llama3_ops.stages.chat, \
-llama3_ops.stages.quantize; print('imports ok: lmdeploy', lmdeploy.__version__)" || {
+llama3_ops.stages.quantize, llama3_ops.stages.llava; print('imports ok: lmdeploy', lmdeploy.__version__)" || {
         echo "missing packages: add them to .whl (requests urllib3 certifi charset-normalizer idna are the usual ones)"; exit 3; }
-      if [ "$DRY" = 1 ] || [ ! -f "$MODEL/config.json" ]; then
+      needs_model=0
+      case " $PHASES " in *" chat "*|*" quantize "*|*" chat4bit "*) needs_model=1 ;; esac
+      if [ "$needs_model" = 1 ] && { [ "$DRY" = 1 ] || [ ! -f "$MODEL/config.json" ]; }; then
         run setup "$PY" -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda
       fi
       ;;
@@ -91,6 +97,19 @@ llama3_ops.stages.quantize; print('imports ok: lmdeploy', lmdeploy.__version__)"
         --cache-max-entry-count "$CACHE" --session-len "$SESSION_LEN" "${ENV_ARGS[@]}" \
         --question "$QUESTION" --timeout 420 --json "$RES/chat-4bit.json"
       ;;
+    llava)
+      log "llava: LLaVA-Llama-3-8B-shaped checkpoint (random weights), one image, lmdeploy pipeline"
+      if [ "$DRY" = 1 ] || [ ! -f "$LLAVA/config.json" ]; then
+        run llava "$PY" -m llama3_ops.llava_checkpoint "$LLAVA" --shape 8b --device cuda
+      fi
+      run llava "$PY" -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (640, 480), (135, 206, 235)); \
+d = ImageDraw.Draw(im); d.rectangle((0, 360, 640, 480), fill=(34, 139, 34)); d.ellipse((480, 40, 580, 140), fill=(255, 215, 0)); \
+im.save('$RES/llava-input.png')"
+      run llava "$PY" -m llama3_ops.stages.llava --local --model "$LLAVA" --image "$RES/llava-input.png" \
+        --backend pytorch --max-new-tokens 64 --log-level "${LLAVA_LOG_LEVEL:-ERROR}" "${ENV_ARGS[@]}" --timeout 420 \
+        --json "$RES/llava.json"
+      [ "$DRY" = 1 ] || cp "$RES/llava.json" "$RES/llava-input.png" "$OUT/" 2>/dev/null
+      ;;
     summary)
       run summary "$PY" - "$RES" "$OUT/stages-summary.json" "${MODEL}_4bit" <<'PY'
 import json, pathlib, subprocess, sys
@@ -104,7 +123,7 @@ smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.tota
                      capture_output=True, text=True).stdout.strip()
 summary = {"gpu": smi, "phases": phases, "chat_base": load("chat-base.json"), "quantize": load("quantize.json"),
            "awq_marker": json.loads(marker.read_text()) if marker.exists() else None,
-           "chat_4bit": load("chat-4bit.json")}
+           "chat_4bit": load("chat-4bit.json"), "llava": load("llava.json")}
 try:
     import lmdeploy, torch, transformers
     summary["versions"] = {"lmdeploy": lmdeploy.__version__, "torch": torch.__version__,
@@ -119,6 +138,6 @@ for key in ("chat_base", "chat_4bit"):
 print("phases:", ", ".join(f"{p['phase']}={p['rc']} ({p['seconds']} s)" for p in phases))
 PY
       ;;
-    *) echo "unknown phase $phase (setup chat quantize chat4bit summary)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (setup chat quantize chat4bit llava summary)" >&2; exit 2 ;;
   esac
 done

@@ -167,3 +167,50 @@ def test_dry_run_against_real_lmdeploy_041(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["lmdeploy"] == "0.4.1" and info["engine_config"].startswith("PytorchEngineConfig(")
+
+
+def test_tiny_llava_checkpoint_loads_in_transformers_and_takes_an_image(tmp_path: Path) -> None:
+    """The random-weight LLaVA the GPU run uses: every tensor name and shape is one transformers reads
+    (no missing or unexpected keys), the processor expands <image> to the vision tower's tokens, and
+    the model generates with an image."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llama3_ops import llava_checkpoint as lc
+
+    out = lc.make_llava_checkpoint(tmp_path / "llava", "tiny")
+    model, info = LlavaForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info.values()), info
+    proc = AutoProcessor.from_pretrained(str(out))
+    assert proc.image_token_id == lc.IMAGE_TOKEN_INDEX and proc.tokenizer.pad_token_id == lc.PAD_TOKEN_ID
+    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nDescribe this image."}],
+                                              tokenize=False, add_generation_prompt=True)
+    inputs = proc(images=Image.new("RGB", (80, 60), (200, 30, 30)), text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == lc.IMAGE_TOKEN_INDEX).sum()) == (56 // 14) ** 2
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    eight = lc.llava_config("8b")
+    assert eight["vision_config"]["image_size"] == 336 and eight["text_config"]["hidden_size"] == 4096
+    # lmdeploy's PyTorch engine picks the language model's class from text_config.architectures
+    assert eight["text_config"]["architectures"] == ["LlamaForCausalLM"]
+    names = dict(lc.tensor_shapes("8b"))
+    assert names["multi_modal_projector.linear_1.weight"] == (4096, 1024)
+    assert names["vision_tower.vision_model.embeddings.position_embedding.weight"] == (577, 1024)
+
+
+def test_local_main_reports_a_small_gpu_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m llama3_ops.stages.llava --local`` (the device run): model and env pass, the GPU check
+    fails with one message, exit 1, and the JSON says why."""
+    _, home, bin_dir = _host(tmp_path, "LlavaForConditionalGeneration", gpus=[dict(RTX3060)])
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{base_path()}")
+    out = tmp_path / "llava.json"
+    rc = llava.main(["--local", "--image", str(_png(tmp_path / "a.png")), "--backend", "pytorch",
+                     "--env-bin-dir", str(bin_dir), "--json", str(out)])
+    assert rc == 1
+    assert "stage llava needs ~18 GiB of GPU memory" in json.loads(out.read_text())["error"]
+    assert "error: stage llava needs ~18 GiB" in " ".join(capsys.readouterr().err.split())

@@ -19,16 +19,22 @@ and ``pipe(('describe this image', load_image(URL)))``. What this adds:
 * a local image is uploaded to ``~/.cache/llama3-ops/llava/`` first (a URL is fetched by the host);
 * GPU memory is checked against stage_requirements.yml (``llava``: ~18 GiB);
 * the chat template is ``llama3`` on lmdeploy 0.4.x (as the course); 0.18 has no ``llama3`` template
-  name and uses the model's own Hugging Face chat template.
+  name and uses the model's own Hugging Face chat template;
+* under transformers >= 5 the host script makes lmdeploy load the PIL image processor: with the
+  default torchvision backend, lmdeploy 0.18's call (a PIL image, ``input_data_format='channels_last'``)
+  fails in preprocessing and the pipeline answers with nothing (found on the H200, 2026-12-01);
+* an empty answer (``finish_reason`` "error" or no tokens) is a failure with one message.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +84,7 @@ class LlavaConfig:
     check_gpu: bool = True
     timeout: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
+    log_level: Literal["ERROR", "WARNING", "INFO", "DEBUG"] = "ERROR"  # lmdeploy's, in the host's output
 
     def validate(self) -> None:
         if self.backend not in ("turbomind", "pytorch"):
@@ -88,6 +95,8 @@ class LlavaConfig:
             raise LlavaError("cache_max_entry_count must be in (0, 1]")
         if self.max_new_tokens < 1 or self.session_len < 1024:
             raise LlavaError("max_new_tokens must be >= 1 and session_len >= 1024 (an image takes 576 tokens)")
+        if self.log_level not in ("ERROR", "WARNING", "INFO", "DEBUG"):
+            raise LlavaError(f"unknown log level {self.log_level!r} (ERROR|WARNING|INFO|DEBUG)")
         if self.llava_ref and not re.fullmatch(r"[A-Za-z0-9._/-]+", self.llava_ref):
             raise LlavaError(f"bad LLaVA git ref {self.llava_ref!r}")
 
@@ -151,6 +160,8 @@ def describe_argv(cfg: LlavaConfig, env: LmdeployEnv, home: str, model_path: str
         argv += ["--cache-max-entry-count", f"{cfg.cache_max_entry_count:g}"]
     if json_out:
         argv += ["--json", json_out]
+    if cfg.log_level != "ERROR":
+        argv += ["--log-level", cfg.log_level]
     if dry_run:
         argv.append("--dry-run")
     return argv
@@ -257,4 +268,52 @@ def describe(remote: Remote, cfg: LlavaConfig, console: Console | None = None, d
         return Description("", json.loads(res.stdout.strip().splitlines()[-1]), cmd)
     info_res = remote.run(f"cat {shlex.quote(p.json_out)}", timeout=30, check=False)
     info = json.loads(info_res.stdout) if info_res.rc == 0 and info_res.stdout.strip() else {}
+    if cfg.log_level != "ERROR":
+        info["stderr_tail"] = res.stderr[-6000:]
     return Description(str(info.get("text", res.stdout.strip())), info, cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m llama3_ops.stages.llava --local --image FILE [options]`` (the device run)."""
+    p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.llava")
+    p.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", default="Describe this image.")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
+    p.add_argument("--session-len", type=int, default=8192)
+    p.add_argument("--cache-max-entry-count", type=float)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--env-bin-dir", default="~/envs/lmdeploy/bin")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--log-level", default="ERROR", choices=["ERROR", "WARNING", "INFO", "DEBUG"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    con = Console(stderr=True)
+    cfg = LlavaConfig(image=args.image, prompt=args.prompt, model=args.model, backend=args.backend,
+                      session_len=args.session_len, cache_max_entry_count=args.cache_max_entry_count,
+                      max_new_tokens=args.max_new_tokens, env_bin_dir=args.env_bin_dir, timeout=args.timeout,
+                      env=dict(e.split("=", 1) for e in args.env), log_level=args.log_level)
+    t0 = time.monotonic()
+    try:
+        res = describe(services.LocalRemote(), cfg, console=con)
+    except (LlavaError, ModelError, gpu.GPUCheckError) as exc:
+        con.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n", encoding="utf-8")
+        return 1
+    print(res.text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**res.info, "command": res.command,
+                                               "seconds": round(time.monotonic() - t0, 1)},
+                                              indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,6 +43,36 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def pin_pil_image_processor() -> bool:
+    """Make lmdeploy's transformers-format LLaVA load the PIL image processor under transformers >= 5.
+
+    lmdeploy 0.18's ``LlavaHfVisionModel.preprocess`` calls the image processor on a PIL image with
+    ``input_data_format='channels_last'``. transformers 5 loads the torchvision backend by default
+    where torchvision is installed, and that backend then normalizes the wrong axis ("The size of
+    tensor a (640) must match the size of tensor b (3)"): the request fails and the pipeline returns
+    an empty answer. The PIL backend (transformers 4's processor) handles that call. Returns whether
+    the patch was applied.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return False
+    try:
+        from lmdeploy.vl.model import llava_hf
+    except ImportError:
+        return False
+    real = llava_hf.AutoProcessor
+
+    class PilAutoProcessor:
+        @staticmethod
+        def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("backend", "pil")
+            return real.from_pretrained(*args, **kwargs)
+
+    llava_hf.AutoProcessor = PilAutoProcessor
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Describe an image with LLaVA through lmdeploy's pipeline")
     p.add_argument("model")
@@ -54,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-max-entry-count", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--json", default=None)
+    p.add_argument("--log-level", default="ERROR", help="lmdeploy's log level (ERROR, WARNING, INFO)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
 
@@ -69,21 +100,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lmdeploy import pipeline
 
+    info["pil_image_processor"] = pin_pil_image_processor()
     t0 = time.monotonic()
     pipe = pipeline(args.model, backend_config=parts["backend_config"],
-                    chat_template_config=parts["chat_template_config"], log_level="ERROR")
+                    chat_template_config=parts["chat_template_config"], log_level=args.log_level)
     info["load_seconds"] = round(time.monotonic() - t0, 1)
     t1 = time.monotonic()
     response = pipe((args.prompt, image), gen_config=parts["gen_config"])
     info["generate_seconds"] = round(time.monotonic() - t1, 1)
     info["text"] = response.text
-    info["generate_token_len"] = getattr(response, "generate_token_len", None)
+    for key in ("generate_token_len", "input_token_len", "finish_reason"):
+        info[key] = getattr(response, key, None)
     print(response.text, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
     close = getattr(pipe, "close", None)
     if callable(close):
         close()
+    if info["finish_reason"] == "error" or not info["generate_token_len"]:
+        print(f"lmdeploy returned no answer (finish_reason {info['finish_reason']!r}, "
+              f"{info['generate_token_len']} tokens generated, {info['input_token_len']} prompt tokens); "
+              "run again with --log-level INFO to see why", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 
