@@ -214,3 +214,67 @@ def test_local_main_reports_a_small_gpu_once(tmp_path: Path, monkeypatch: pytest
     assert rc == 1
     assert "stage llava needs ~18 GiB of GPU memory" in json.loads(out.read_text())["error"]
     assert "error: stage llava needs ~18 GiB" in " ".join(capsys.readouterr().err.split())
+
+
+PREPROCESS_SCRIPT = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("llava_describe", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+patched = mod.pin_pil_image_processor()
+from PIL import Image
+from lmdeploy.vl.model.llava_hf import LlavaHfVisionModel
+m = LlavaHfVisionModel(sys.argv[2])
+m.build_preprocessor()
+image = Image.new("RGB", (640, 480), (1, 2, 3))
+out = m.preprocess([{"role": "user", "content": [{"type": "text", "text": "Describe this image."},
+                                                  {"type": "image", "data": image}]}])
+p = out[-1]["content"][0]
+print(json.dumps({"patched": patched, "processor": type(m.processor).__name__,
+                  "shape": list(p["pixel_values"].shape), "image_tokens": p["image_tokens"]}))
+"""
+
+
+@pytest.mark.slow
+def test_real_lmdeploy_018_preprocesses_an_image_for_a_transformers_format_llava(tmp_path: Path) -> None:
+    """lmdeploy 0.18's own LLaVA preprocessing, with our host script's transformers-5 fix applied, on the
+    tiny random-weight LLaVA: the PIL image processor is used and the image becomes 16 image tokens.
+    (On the H200, the torchvision processor that transformers 5 picks failed this step:
+    results/h200/2026-12-01/llava/before-fix-diag.log.)"""
+    from llama3_ops import llava_checkpoint as lc
+
+    py = lmdeploy_python("0.18.0")
+    model = lc.make_llava_checkpoint(tmp_path / "llava", "tiny")
+    res = subprocess.run([py, "-c", PREPROCESS_SCRIPT, str(SCRIPT), str(model)], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info == {"patched": True, "processor": "CLIPImageProcessorPil", "shape": [1, 3, 56, 56],
+                    "image_tokens": 16}
+
+
+EMPTY_ANSWER_SCRIPT = """
+import importlib.util, sys, types
+spec = importlib.util.spec_from_file_location("llava_describe", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+import lmdeploy
+class FakePipe:
+    def __call__(self, prompt, gen_config=None):
+        return types.SimpleNamespace(text="", generate_token_len=0, input_token_len=0, finish_reason="error")
+lmdeploy.pipeline = lambda *a, **k: FakePipe()
+sys.exit(mod.main(["/m", sys.argv[2], "--backend", "pytorch", "--json", sys.argv[3]]))
+"""
+
+
+@pytest.mark.slow
+def test_an_empty_answer_is_a_failure_not_an_empty_success(tmp_path: Path) -> None:
+    """What the H200 run returned before the fix (no tokens, finish_reason "error", exit 0) now exits 3
+    with one message, and the JSON still records what lmdeploy said."""
+    py = lmdeploy_python("0.18.0")
+    out = tmp_path / "d.json"
+    res = subprocess.run([py, "-c", EMPTY_ANSWER_SCRIPT, str(SCRIPT), str(_png(tmp_path / "a.png")), str(out)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "lmdeploy returned no answer (finish_reason 'error', 0 tokens generated" in res.stderr
+    assert json.loads(out.read_text())["finish_reason"] == "error"
