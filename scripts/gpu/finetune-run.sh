@@ -34,18 +34,10 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
 LOGS=$HOME/.local/state/llama3-ops/logs
 
-log() { echo "[$(date +%T)] $*"; }
-run() {
-  local phase=$1; shift
-  echo "+ $(printf '%q ' "$@")"
-  [ "$DRY" = 1 ] && return 0
-  local t0=$SECONDS rc
-  "$@" 2>&1 | tee -a "$OUT/finetune-$phase.log"
-  rc=${PIPESTATUS[0]}
-  printf '{"phase": "%s", "rc": %d, "seconds": %d}\n' "$phase" "$rc" $((SECONDS - t0)) >> "$OUT/phases.jsonl"
-  log "$phase: exit $rc after $((SECONDS - t0)) s"
-  return "$rc"
-}
+PHASE_LOG=$OUT/finetune-
+PHASES_JSONL=$OUT/phases.jsonl
+# shellcheck source=phases.sh
+source "$(dirname "$0")/phases.sh"
 
 [ "$DRY" = 1 ] || mkdir -p "$OUT"
 for phase in $PHASES; do

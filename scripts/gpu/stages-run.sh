@@ -42,19 +42,10 @@ export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
 ENV_ARGS=(--env-bin-dir "$SITE/bin" --env "PYTHONPATH=$PYTHONPATH")
 QUESTION="Please introduce yourself."
 
-log() { echo "[$(date +%T)] $*"; }
-# run PHASE CMD...: print it; unless --dry-run, run it with a log under $OUT and record rc + seconds
-run() {
-  local phase=$1; shift
-  echo "+ $(printf '%q ' "$@")"
-  [ "$DRY" = 1 ] && return 0
-  local t0=$SECONDS rc
-  "$@" 2>&1 | tee -a "$OUT/stages-$phase.log"
-  rc=${PIPESTATUS[0]}
-  printf '{"phase": "%s", "rc": %d, "seconds": %d}\n' "$phase" "$rc" $((SECONDS - t0)) >> "$RES/phases.jsonl"
-  log "$phase: exit $rc after $((SECONDS - t0)) s"
-  return "$rc"
-}
+PHASE_LOG=$OUT/stages-
+PHASES_JSONL=$RES/phases.jsonl
+# shellcheck source=phases.sh
+source "$(dirname "$0")/phases.sh"
 
 [ "$DRY" = 1 ] || mkdir -p "$OUT" "$RES"
 for phase in $PHASES; do

@@ -23,13 +23,11 @@ ThroughputHook (it reports GPU FLOPs only).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -45,6 +43,8 @@ from llama3_ops.stages.finetune import (
     HostInfo,
     Job,
     Step,
+    local_main,
+    local_parser,
     read_json,
     run,
     run_step,
@@ -125,7 +125,6 @@ def agent_flan_data(
         argv = (f"{host.env_bin}/python", f"{scripts}/convert_agentflan.py", src, out_dir)
         run_step(remote, ServiceSpec(name="agent-finetune-data", argv=argv, env=step_env(host, None),
                                      cwd=host.course_dir), console, what="Agent-FLAN conversion")
-        from llama3_ops import services
 
         log = services.logs(remote, "agent-finetune-data", lines=20).splitlines()
         summary = next((json.loads(line) for line in reversed(log) if line.startswith('{"records"')), None)
@@ -179,39 +178,15 @@ def run_agent_finetune(
                cpu_iters=cpu_iters, env_bin=env_bin, console=console, on_progress=on_progress, until=until)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     """``python -m llama3_ops.stages.agent_finetune --local [options]`` (the device run)."""
-    ap = argparse.ArgumentParser(prog="python -m llama3_ops.stages.agent_finetune",
-                                 description="fab agent-finetune on this machine (needs ~/llama3-course/host.json)")
-    ap.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
+    ap = local_parser("python -m llama3_ops.stages.agent_finetune", "agent-finetune", cpu_iters=2)
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     ap.add_argument("--upload", type=Path, help="a local folder of Agent-FLAN *.jsonl, copied in")
-    ap.add_argument("--base-model", default="base")
-    ap.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
-    ap.add_argument("--max-iters", type=int, default=0, help="a short GPU run (0: the course's 3 epochs)")
-    ap.add_argument("--cpu-iters", type=int, default=2)
-    ap.add_argument("--until", default="merge", choices=["train", "convert", "merge"])
-    ap.add_argument("--env-bin", help="bin dir of the env with XTuner (default: host.json's llama3 env)")
-    ap.add_argument("--json", help="write the result here")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    con = Console(stderr=True)
-    try:
-        res = run_agent_finetune(services.LocalRemote(), data_dir=args.data_dir, upload=args.upload,
-                                 base_model=args.base_model, device=args.device, cpu_iters=args.cpu_iters,
-                                 max_iters=args.max_iters, until=args.until, env_bin=args.env_bin, console=con)
-    except FinetuneError as exc:
-        con.print(f"error: {exc}", style="red", markup=False, highlight=False)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n", encoding="utf-8")
-        return 1
-    if args.json:
-        Path(args.json).write_text(json.dumps({**asdict(res), "params": asdict(res.params)}, indent=2,
-                                              ensure_ascii=False) + "\n", encoding="utf-8")
-    return 0
+    a = ap.parse_args(argv)
+    return local_main(a.json, lambda remote, con: run_agent_finetune(
+        remote, data_dir=a.data_dir, upload=a.upload, base_model=a.base_model, device=a.device,
+        cpu_iters=a.cpu_iters, max_iters=a.max_iters, until=a.until, env_bin=a.env_bin, console=con))
 
 
 if __name__ == "__main__":

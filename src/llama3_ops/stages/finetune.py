@@ -709,44 +709,51 @@ def tiny_cpu_finetune(remote: Remote, console: Console | None = None) -> Finetun
     return run_finetune(remote, count=50, device="cpu", cpu_iters=4, console=console)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``python -m llama3_ops.stages.finetune --local [options]`` (the device run)."""
-    ap = argparse.ArgumentParser(prog="python -m llama3_ops.stages.finetune",
-                                 description="fab finetune on this machine (needs ~/llama3-course/host.json)")
+def local_parser(prog: str, task: str, cpu_iters: int) -> argparse.ArgumentParser:
+    """The options every fine-tune job's ``--local`` entry point shares (the device runs)."""
+    ap = argparse.ArgumentParser(prog=prog, description=f"fab {task} on this machine (needs ~/llama3-course/host.json)")
     ap.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
-    ap.add_argument("--name", default="SmartFlowAI")
-    ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--base-model", default="base")
     ap.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
     ap.add_argument("--max-iters", type=int, default=0, help="a short GPU run (0: the course's 3 epochs)")
-    ap.add_argument("--cpu-iters", type=int, default=4)
+    ap.add_argument("--cpu-iters", type=int, default=cpu_iters)
     ap.add_argument("--until", default="merge", choices=list(STEPS))
     ap.add_argument("--env-bin", help="bin dir of the env with XTuner (default: host.json's llama3 env)")
     ap.add_argument("--json", help="write the result here")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def local_main(json_path: str | None, call: Callable[[Remote, Console], FinetuneResult]) -> int:
+    """Run ``call`` on this machine: one message and exit 1 on a :class:`FinetuneError`; the result
+    (or the error) as JSON in ``json_path``."""
     con = Console(stderr=True)
     try:
-        res = run_finetune(services.LocalRemote(), name=args.name, count=args.count, base_model=args.base_model,
-                           device=args.device, cpu_iters=args.cpu_iters, max_iters=args.max_iters,
-                           until=args.until, env_bin=args.env_bin, console=con)
+        res = call(services.LocalRemote(), con)
+        out: dict[str, Any] = {**asdict(res), "params": asdict(res.params), "params_text": _detail_params(res.params)}
+        rc = 0
     except FinetuneError as exc:
         con.print(f"error: {exc}", style="red", markup=False, highlight=False)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n", encoding="utf-8")
-        return 1
-    if args.json:
-        out = {**asdict(res), "params": asdict(res.params), "params_text": _detail_params(res.params)}
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return 0
+        out, rc = {"error": str(exc)}, 1
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llama3_ops.stages.finetune --local [options]`` (the device run)."""
+    ap = local_parser("python -m llama3_ops.stages.finetune", "finetune", cpu_iters=4)
+    ap.add_argument("--name", default="SmartFlowAI")
+    ap.add_argument("--count", type=int, default=2000)
+    a = ap.parse_args(argv)
+    return local_main(a.json, lambda remote, con: run_finetune(
+        remote, name=a.name, count=a.count, base_model=a.base_model, device=a.device, cpu_iters=a.cpu_iters,
+        max_iters=a.max_iters, until=a.until, env_bin=a.env_bin, console=con))
 
 
 __all__: Sequence[str] = (
     "AGENT_FLAN", "COURSE", "FinetuneDetached", "FinetuneError", "FinetuneResult", "HostInfo", "Job",
-    "main", "merged_ready", "read_host", "run", "run_finetune", "self_cognition_job", "tiny_cpu_finetune",
+    "local_main", "local_parser", "main", "merged_ready", "read_host", "run", "run_finetune", "self_cognition_job",
+    "tiny_cpu_finetune",
 )
 
 

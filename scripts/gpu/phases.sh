@@ -1,0 +1,19 @@
+# Sourced by the device scripts (stages-run.sh, finetune-run.sh): logging and one-phase runs.
+# The sourcing script sets DRY (1: print only), PHASE_LOG (a prefix: PHASE_LOG<phase>.log) and
+# PHASES_JSONL (one {"phase", "rc", "seconds"} line per command).
+
+log() { echo "[$(date +%T)] $*"; }
+
+# run PHASE CMD...: print it; unless dry, run it with its output appended to the phase's log, and
+# record its exit status and seconds.
+run() {
+  local phase=$1; shift
+  echo "+ $(printf '%q ' "$@")"
+  [ "$DRY" = 1 ] && return 0
+  local t0=$SECONDS rc
+  "$@" 2>&1 | tee -a "$PHASE_LOG$phase.log"
+  rc=${PIPESTATUS[0]}
+  printf '{"phase": "%s", "rc": %d, "seconds": %d}\n' "$phase" "$rc" $((SECONDS - t0)) >> "$PHASES_JSONL"
+  log "$phase: exit $rc after $((SECONDS - t0)) s"
+  return "$rc"
+}
