@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from gitpkg import tagged_package_repo
 from hostlab import Provisioned, slot_name
 from llama3_ops.freshhost import FreshHostLab, write_inventory
 
@@ -73,27 +73,8 @@ def _pip_hash(spec: str, dest: Path) -> str:
 
 def _git_repo(root: Path) -> tuple[Path, str]:
     """A bare git repository of a tiny package, tagged v0.1.0; returns it and the tag's commit."""
-    src = root / "demo-src"
-    (src / "llama3_ops_demo_pkg").mkdir(parents=True)
-    (src / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "llama3-ops-demo-pkg"
-        version = "0.1.0"
-        """))
-    (src / "llama3_ops_demo_pkg" / "__init__.py").write_text('VERSION = "0.1.0"\n')
-    git = ["git", "-C", str(src), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "init", "-q", "-b", "main", str(src)], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "demo"], check=True)
-    subprocess.run([*git, "tag", "v0.1.0"], check=True)
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    bare = root / "demo-pkg.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(src), str(bare)], check=True)
-    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)  # served over dumb HTTP
-    return bare, commit
+    return tagged_package_repo(root / "demo-src", root / "demo-pkg.git", "llama3-ops-demo-pkg",
+                               "llama3_ops_demo_pkg", "0.1.0", init='VERSION = "0.1.0"\n')
 
 
 @pytest.fixture(scope="module")

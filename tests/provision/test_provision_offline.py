@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from gitpkg import tagged_package_repo
 from hostlab import Provisioned, slot_name
 from llama3_ops.freshhost import FreshHostLab, write_inventory
 from llama3_ops.provision import PlaybookRun
@@ -190,26 +190,8 @@ def test_wheelhouse_bad_input(tmp_path: Path) -> None:
 
 def test_wheelhouse_builds_git_packages_from_their_commit_and_locks_by_hash(tmp_path: Path) -> None:
     """A locked env with a git package: the lock's files by hash, the git package built into a wheel."""
-    src = tmp_path / "src"
-    (src / "demo_pkg").mkdir(parents=True)
-    (src / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "demo-pkg"
-        version = "0.3.1"
-        """))
-    (src / "demo_pkg" / "__init__.py").write_text("")
-    git = ["git", "-C", str(src), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "init", "-q", "-b", "main", str(src)], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "v0.3.1"], check=True)
-    subprocess.run([*git, "tag", "v0.3.1"], check=True)
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    bare = tmp_path / "git" / "me" / "demo.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(src), str(bare)], check=True)
-    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    _, commit = tagged_package_repo(tmp_path / "src", tmp_path / "git" / "me" / "demo.git", "demo-pkg",
+                                       "demo_pkg", "0.3.1")
     # A real hash lock for the env (one pure-Python wheel), as uv pip compile writes it.
     dl = tmp_path / "dl"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
