@@ -209,12 +209,13 @@ def serve(
     home = services.remote_home(remote)
     spec = build_spec(cfg, home)
     check_host(remote, spec, cfg)
-    if cfg.engine == "lmdeploy" and not services.status(remote, cfg.name, log_lines=0).running:
+    current = services.status(remote, cfg.name, log_lines=0)
+    if cfg.engine == "lmdeploy" and not current.running:
         # GPU count and memory for --tp N before anything starts (a running server holds the memory).
         gpus = gpu.check_tp(remote, "serve", cfg.tp)
         console.print(f"GPUs for --tp {cfg.tp}: " + gpu.memory_line(gpus))
     console.print(f"[bold]{cfg.name}[/] on {remote.label}: {spec.display()}")
-    st, started_now = services.start(remote, spec, restart=restart, mode=mode)
+    st, started_now = services.start(remote, spec, restart=restart, mode=mode, current=current)
     console.print(
         f"{'started' if started_now else 'already running with the same settings, reused'}: "
         f"pid {st.pid} ({st.mode}), log {st.log_path}"

@@ -460,13 +460,15 @@ def start(
     restart: bool = False,
     mode: Mode = "auto",
     stop_timeout: float = 20.0,
+    current: ServiceStatus | None = None,
 ) -> tuple[ServiceStatus, bool]:
     """Start ``spec`` (or reuse it). Returns ``(status, started_now)``.
 
     Already running with the same fingerprint: reused, nothing restarted. Running with a different
     fingerprint: :class:`FingerprintMismatchError` unless ``restart=True`` (then stop + start).
+    ``current``: the service's status, when the caller has just read it (saves a round trip).
     """
-    cur = status(remote, spec.name, log_lines=0)
+    cur = current if current is not None else status(remote, spec.name, log_lines=0)
     fp = spec.fingerprint()
     if cur.running:
         if cur.fingerprint == fp and not restart:
