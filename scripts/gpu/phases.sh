@@ -17,3 +17,17 @@ run() {
   log "$phase: exit $rc after $((SECONDS - t0)) s"
   return "$rc"
 }
+
+# python_wrapper BIN_DIR PYTHON [SITE]: BIN_DIR/python, a script that runs PYTHON (with SITE first on
+# PYTHONPATH when given). A wrapper, not a symlink: the interpreter's own site-packages stay visible
+# (venv detection does not follow symlinks). This is the "env" whose BIN/python the stages probe.
+python_wrapper() {
+  local bin=$1 py=$2 site=${3:-}
+  mkdir -p "$bin" || return
+  if [ -n "$site" ]; then
+    printf '#!/bin/sh\nPYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' "$site" "$py" > "$bin/python"
+  else
+    printf '#!/bin/sh\nexec %s "$@"\n' "$py" > "$bin/python"
+  fi
+  chmod +x "$bin/python"
+}

@@ -53,11 +53,8 @@ for phase in $PHASES; do
     setup)
       log "setup"
       run setup "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
-      # the env's "python" (chat/quantize probe BIN/python): a wrapper, not a symlink, so the torch
-      # venv's site-packages stay visible (venv detection does not follow symlinks)
-      # shellcheck disable=SC2016  # $1/$2 belong to the inner sh
-      run setup sh -c 'mkdir -p "$1" && printf "#!/bin/sh\nexec %s \"\$@\"\n" "$2" > "$1/python" && chmod +x "$1/python"' \
-        sh "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
+      # the env's "python" (chat/quantize probe BIN/python)
+      run setup python_wrapper "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       # fail here, not minutes later, if the wheelhouse lacks something the stages import
       run setup "$PY" -c "import lmdeploy, lmdeploy.cli.chat, lmdeploy.lite.apis.auto_awq, llama3_ops.stages.chat, \

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from rich.console import Console
 
@@ -51,6 +51,8 @@ SCRIPT = "llava_describe.py"
 DEFAULT_MODEL = "~/model/llava-llama-3-8b-v1_1-hf"
 LLAVA_REPO = "git+https://github.com/haotian-liu/LLaVA.git"
 IMAGE_DIR = "~/.cache/llama3-ops/llava"
+LogLevel = Literal["ERROR", "WARNING", "INFO", "DEBUG"]  # lmdeploy's, in the host's output
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 ORIGINAL_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
 HF_ARCHS = ("LlavaForConditionalGeneration",)
@@ -84,7 +86,7 @@ class LlavaConfig:
     check_gpu: bool = True
     timeout: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
-    log_level: Literal["ERROR", "WARNING", "INFO", "DEBUG"] = "ERROR"  # lmdeploy's, in the host's output
+    log_level: LogLevel = "ERROR"
 
     def validate(self) -> None:
         if self.backend not in ("turbomind", "pytorch"):
@@ -95,8 +97,8 @@ class LlavaConfig:
             raise LlavaError("cache_max_entry_count must be in (0, 1]")
         if self.max_new_tokens < 1 or self.session_len < 1024:
             raise LlavaError("max_new_tokens must be >= 1 and session_len >= 1024 (an image takes 576 tokens)")
-        if self.log_level not in ("ERROR", "WARNING", "INFO", "DEBUG"):
-            raise LlavaError(f"unknown log level {self.log_level!r} (ERROR|WARNING|INFO|DEBUG)")
+        if self.log_level not in LOG_LEVELS:
+            raise LlavaError(f"unknown log level {self.log_level!r} ({'|'.join(LOG_LEVELS)})")
         if self.llava_ref and not re.fullmatch(r"[A-Za-z0-9._/-]+", self.llava_ref):
             raise LlavaError(f"bad LLaVA git ref {self.llava_ref!r}")
 
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--log-level", default="ERROR", choices=["ERROR", "WARNING", "INFO", "DEBUG"])
+    p.add_argument("--log-level", default="ERROR", choices=LOG_LEVELS)
     return p
 
 
