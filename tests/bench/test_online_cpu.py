@@ -14,7 +14,7 @@ import pytest
 from llama3_ops.bench.cli import main
 from llama3_ops.bench.client import ClientConfig, run_load
 from llama3_ops.bench.metrics import aggregate
-from llama3_ops.bench.standin import standin_process, transformers_serve_process
+from llama3_ops.bench.standin import ServerURL, standin_process, transformers_serve_process
 from llama3_ops.bench.workload import Request
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_default_client_is_not_capped_at_100(standin: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tserve(tiny_model: Path) -> Iterator[str]:
+def tserve(tiny_model: Path) -> Iterator[ServerURL]:
     try:
         with transformers_serve_process(str(tiny_model)) as base:
             yield base
@@ -173,3 +173,29 @@ def test_crosscheck_with_aiperf(tiny_model: Path, tmp_path: Path) -> None:
     assert res["aiperf"]["requests"] == 48
     assert res["rel_diff_rps"] is not None and res["rel_diff_rps"] <= 0.05, res
     assert res["rel_diff_output_tok_s"] <= 0.05, res
+    assert res["verdict"] == ("inconclusive" if res["busy_machine"] else "agree"), res
+
+
+def test_crosscheck_rounds_send_the_prompt_length_aiperf_sends(
+    tserve: ServerURL, tiny_model: Path, tmp_path: Path
+) -> None:
+    # Alternating rounds on the real server; both tools' prompts must reach the server as the same
+    # number of tokens (AIPerf's 24 include BOS, so our text is 23 tokens), as its usage counts them.
+    if not Path(AIPERF).exists():
+        pytest.skip(f"aiperf not installed at {AIPERF}")
+    from llama3_ops.bench.crosscheck import crosscheck
+
+    res = crosscheck(base_url=tserve, model=str(tiny_model), tokenizer_dir=tiny_model, concurrency=2,
+                     num_prompts=6, input_len=24, output_len=4, aiperf=AIPERF, out=tmp_path, rounds=2,
+                     server_pid=tserve.pid)  # fmt: skip
+    assert res["prompt_tokens"]["ours_text_tokens"] == 23
+    assert [r["server_prompt_tokens_p50"] for r in res["ours_runs"]] == [24, 24]
+    assert [r["server_prompt_tokens_avg"] for r in res["aiperf_runs"]] == [24, 24]
+    assert [r["requests"] for r in res["aiperf_runs"]] == [6, 6]
+    assert [r["failed"] for r in res["ours_runs"]] == [0, 0]
+    assert (tmp_path / "aiperf" / "round1" / "profile_export_aiperf.json").is_file()
+    runs = res["ours_runs"] + res["aiperf_runs"]
+    assert all(r["load_before"]["busy_cores"] is not None for r in runs)
+    # The server's own CPU time per request, and each tool's CPU cost, are measured for every run.
+    assert all(r["server_cpu_s_per_request"] > 0 and r["tool_cpu_s"] > 0 for r in runs), runs
+    assert res["judged_on"] == ["rps_at_median_server_speed", "output_tok_s_at_median_server_speed"]

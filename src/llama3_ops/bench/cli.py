@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--aiperf", default="aiperf", help="aiperf executable (e.g. /tmp/aiperf-venv/bin/aiperf)")
     cc.add_argument("--out", default="bench-crosscheck")
     cc.add_argument("--tolerance", type=float, default=0.05)
+    cc.add_argument("--rounds", type=int, default=1,
+                    help="alternate the tools this many times and compare medians (for a server that drifts)")
+    cc.add_argument("--server-pid", type=int, default=None,
+                    help="the server's process, when it runs on this machine: its CPU time per request "
+                         "rescales each run to the server's median speed")
     return ap
 
 
@@ -422,6 +427,8 @@ def cmd_crosscheck(args: argparse.Namespace, console: Console) -> int:
         out=Path(args.out),
         tolerance=args.tolerance,
         console=console,
+        rounds=args.rounds,
+        server_pid=args.server_pid,
     )
     report.write_json_atomic(Path(args.out) / "crosscheck.json", res)
     console.print_json(json.dumps({k: v for k, v in res.items() if k != "aiperf_raw"}))

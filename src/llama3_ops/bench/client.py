@@ -14,7 +14,8 @@ Output tokens: from ``usage.completion_tokens`` of the final chunk (we ask for i
 Token events: every chunk that carries a choice with text (``text`` or ``delta.content``), even
 empty text. lmdeploy streams a token that ends inside a UTF-8 sequence as "" (random-weight models
 produce many), so TTFT and ITL are timed on token events, and a request whose tokens all decode to
-"" still succeeds. A chat role-only preamble is not a token.
+"" still succeeds. Not tokens: a chat role-only preamble, and a closing chunk with empty text and a
+``finish_reason`` (``transformers serve`` ends every stream with one, carrying ``usage``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def _is_token_event(obj: dict[str, Any]) -> bool:
     """A chunk that carries a generated token, even one whose text is empty.
 
     Byte-level BPE tokens that end inside a UTF-8 sequence are streamed as empty text (lmdeploy
-    holds the bytes back). Chat role-only preambles (``{"delta": {"role": ...}}``) are not tokens.
+    holds the bytes back). Chat role-only preambles (``{"delta": {"role": ...}}``) are not tokens,
+    nor is a closing chunk whose text is empty and which carries a ``finish_reason``: ``transformers
+    serve`` sends one after the last token (with ``usage``); counted, it added one ITL gap per request.
     """
     choices = obj.get("choices") or []
     if not choices:
@@ -119,8 +122,14 @@ def _is_token_event(obj: dict[str, Any]) -> bool:
     c = choices[0]
     if "delta" in c:
         delta = c.get("delta") or {}
-        return "content" in delta and not ("role" in delta and not delta.get("content"))
-    return "text" in c
+        if "content" not in delta or ("role" in delta and not delta.get("content")):
+            return False
+        text = delta.get("content")
+    elif "text" in c:
+        text = c.get("text")
+    else:
+        return False
+    return bool(text) or not c.get("finish_reason")
 
 
 async def _on_headers_sent(

@@ -162,6 +162,17 @@ def make_app(cfg: StandinConfig) -> web.Application:
     return app
 
 
+class ServerURL(str):
+    """A server's base URL that also names its process (``pid``), for CPU accounting."""
+
+    pid: int
+
+    def __new__(cls, url: str, pid: int) -> ServerURL:
+        obj = super().__new__(cls, url)
+        obj.pid = pid
+        return obj
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -191,8 +202,8 @@ def standin_process(
     host: str = "127.0.0.1",
     port: int | None = None,
     empty_tokens: int = 0,
-) -> Iterator[str]:
-    """Run the stand-in in a subprocess; yields its base URL (``http://host:port``)."""
+) -> Iterator[ServerURL]:
+    """Run the stand-in in a subprocess; yields its base URL (``http://host:port``) and pid."""
     port = port or free_port(host)
     cmd = [
         sys.executable,
@@ -210,7 +221,7 @@ def standin_process(
         str(empty_tokens),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    base = f"http://{host}:{port}"
+    base = ServerURL(f"http://{host}:{port}", proc.pid)
     try:
         wait_http_ok(base + "/health", 30.0, proc)
         yield base
@@ -221,8 +232,8 @@ def standin_process(
 @contextlib.contextmanager
 def transformers_serve_process(
     model_dir: str, port: int | None = None, timeout_s: float = 120.0, cpus: set[int] | None = None
-) -> Iterator[str]:
-    """Run a real ``transformers serve`` on CPU for ``model_dir``; yields its base URL.
+) -> Iterator[ServerURL]:
+    """Run a real ``transformers serve`` on CPU for ``model_dir``; yields its base URL and pid.
 
     ``cpus`` pins the server (and its torch threads) to those cores, so that a load generator on the
     other cores does not slow it down.
@@ -245,7 +256,7 @@ def transformers_serve_process(
         env=env,
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = ServerURL(f"http://127.0.0.1:{port}", proc.pid)
     try:
         wait_http_ok(base + "/health", timeout_s, proc)
         yield base
