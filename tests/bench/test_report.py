@@ -69,7 +69,8 @@ def _run(
 
 def test_provenance_fields() -> None:
     p = report.provenance()
-    for key in ("host", "gpu", "torch_version", "bundle_commit", "timestamp", "python", "platform"):
+    for key in ("host", "gpu", "torch_version", "transformers_version", "bundle_commit", "timestamp", "python",
+                "platform"):
         assert key in p
     assert set(p["gpu"]) >= {"name", "count", "driver"}
     assert p["bundle_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", p["bundle_commit"])

@@ -126,6 +126,7 @@ def provenance() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "gpu": gpu_info(),
         "torch_version": package_version("torch"),
+        "transformers_version": package_version("transformers"),  # transformers serve's speed moves with it
         "llama3_ops_version": __version__,
         "bundle_commit": bundle_commit(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
