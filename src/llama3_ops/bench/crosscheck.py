@@ -119,7 +119,7 @@ BUSY_CORES = 0.3
 
 
 def _cpu_ticks() -> tuple[int, int, int] | None:
-    """(busy, total) jiffies of all CPUs and the CPU count, from /proc/stat; None off Linux."""
+    """(busy, total) jiffies summed over all CPUs, and the CPU count, from /proc/stat; None off Linux."""
     try:
         lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
@@ -224,11 +224,11 @@ def at_median_server_speed(runs: Sequence[dict[str, Any]], key: str) -> list[flo
     run the server spent on it, which drift does not move, and which a load generator that fails to
     keep the server busy, or mismeasures wall time, lowers.
     """
-    per_req = [r.get("server_cpu_s_per_request") for r in runs]
-    if any(c is None or c <= 0 for c in per_req):
+    per_req = [r.get("server_cpu_s_per_request") or 0.0 for r in runs]
+    if min(per_req, default=0.0) <= 0:
         return None
-    med = statistics.median(c for c in per_req if c is not None)
-    return [float(r[key] or 0.0) * float(c) / med for r, c in zip(runs, per_req, strict=True) if c is not None]
+    med = statistics.median(per_req)
+    return [float(r[key] or 0.0) * c / med for r, c in zip(runs, per_req, strict=True)]
 
 
 def crosscheck(
@@ -308,10 +308,9 @@ def crosscheck(
     metrics: dict[str, dict[str, Any]] = {}
     for key in ("rps", "output_tok_s"):
         series = {key: ([float(r[key]) for r in ours_runs], [float(r[key] or 0.0) for r in theirs_runs])}
-        o_n, t_n = at_median_server_speed(ours_runs + theirs_runs, key) or [], []
-        if rounds > 1 and o_n:
-            o_n, t_n = o_n[:rounds], o_n[rounds:]
-            series[f"{key}_at_median_server_speed"] = (o_n, t_n)
+        scaled = at_median_server_speed(ours_runs + theirs_runs, key) if rounds > 1 else None
+        if scaled:
+            series[f"{key}_at_median_server_speed"] = (scaled[:rounds], scaled[rounds:])
         for name, (o, t) in series.items():
             v, diff, s_o, s_t = verdict(o, t, tolerance)
             metrics[name] = {"ours_median": statistics.median(o), "aiperf_median": statistics.median(t),
