@@ -22,16 +22,17 @@ from pathlib import Path
 from fabric import Connection, task
 from rich.console import Console
 
-from llama3_ops import chat_client, hosts, services, tunnel
-from llama3_ops import provision as provisioning
-from llama3_ops import serve as srv
-from llama3_ops.health import NotReadyError
+from llama3_ops.provision import playbook as provisioning
+from llama3_ops.remote import hosts, services, tunnel
+from llama3_ops.remote.health import NotReadyError
 from llama3_ops.stages import agent as agent_stage
 from llama3_ops.stages import agent_finetune as agent_ft
 from llama3_ops.stages import chat as chat_stage
+from llama3_ops.stages import client as chat_client
 from llama3_ops.stages import finetune as ft
 from llama3_ops.stages import llava as llava_stage
 from llama3_ops.stages import quantize as quantize_stage
+from llama3_ops.stages import serve as srv
 from llama3_ops.stages import webdemo as webdemo_stage
 from llama3_ops.stages.gpu import GPUCheckError
 from llama3_ops.stages.lm_models import ModelError

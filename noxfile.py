@@ -98,7 +98,7 @@ def tests(session: nox.Session) -> None:
     _install(session)
     session.env["LLAMA3_OPS_AIPERF"] = _aiperf(session)
     _lmdeploy_envs(session)
-    session.run("python", "-m", "llama3_ops.freshhost", "deps")
+    session.run("python", "-m", "llama3_ops.lab.freshhost", "deps")
     session.run("pytest", *(session.posargs or ["-q", "-rs", "--durations=15"]))
 
 
@@ -106,7 +106,7 @@ def tests(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Build a throwaway local host, provision it with the cpu profile, serve, ask, benchmark."""
     _install(session)
-    session.run("python", "-m", "llama3_ops.demo", *session.posargs)
+    session.run("python", "-m", "llama3_ops.lab.demo", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -114,7 +114,7 @@ def bench_provision(session: nox.Session) -> None:
     """Cold and warm provisioning time of the cpu profile on a fresh host -> results/cpu/."""
     _install(session)
     out = ROOT / "results" / "cpu" / f"provision-{_stamp()}.json"
-    session.run("python", "-m", "llama3_ops.provision_bench", "--out", str(out), *session.posargs)
+    session.run("python", "-m", "llama3_ops.lab.provision_bench", "--out", str(out), *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -130,7 +130,7 @@ def bench_tunnel(session: nox.Session) -> None:
     """Requests/s and tokens/s through the tunnel vs direct, at concurrency 64 and 256."""
     _install(session)
     out = ROOT / "results" / "cpu" / f"tunnel-{_stamp()}.json"
-    session.run("python", "-m", "llama3_ops.tunnel_bench", "--json", str(out), *session.posargs)
+    session.run("python", "-m", "llama3_ops.lab.tunnel_bench", "--json", str(out), *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -138,7 +138,7 @@ def lock(session: nox.Session) -> None:
     """Recompile the hash locks locks/<profile>/<env>.txt with uv: `nox -s lock -- course`."""
     session.install("uv==0.13.9", "rich>=13", "pyyaml>=6", "packaging>=23")
     session.install("--no-deps", "-e", ".")
-    session.run("python", "-m", "llama3_ops.locks", "compile", *session.posargs)
+    session.run("python", "-m", "llama3_ops.provision.locks", "compile", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -148,7 +148,7 @@ def wheelhouse(session: nox.Session) -> None:
     args = list(session.posargs) or ["cpu"]
     if "--out" not in args:
         args += ["--out", str(ROOT / "wheelhouse" / args[0])]
-    session.run("python", "-m", "llama3_ops.wheelhouse", *args)
+    session.run("python", "-m", "llama3_ops.provision.wheelhouse", *args)
 
 
 @nox.session(python=PYTHON)
@@ -156,7 +156,7 @@ def crosscheck(session: nox.Session) -> None:
     """Our load generator vs AIPerf on the same servers and workloads -> results/cpu/crosscheck-*.json."""
     _install(session)
     out = ROOT / "results" / "cpu" / f"crosscheck-{_stamp()}.json"
-    session.run("python", "-m", "llama3_ops.bench.crosscheck", "--aiperf", _aiperf(session), "--out", str(out))
+    session.run("python", "-m", "llama3_ops.lab.crosscheck", "--aiperf", _aiperf(session), "--out", str(out))
 
 
 @nox.session(python=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hostlab import FIXTURES, GOOD_URL, Provisioned, slot_name
-from llama3_ops.freshhost import FreshHostLab, write_inventory
+from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 _host_offset = itertools.count(8)
@@ -21,7 +21,7 @@ _host_offset = itertools.count(8)
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-3-shaped checkpoint (random weights, real tokenizer), built once per run."""
-    from llama3_ops.checkpoint import make_checkpoint
+    from llama3_ops.lab.checkpoint import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny") / "Meta-Llama-3-8B-Instruct", "tiny")
 
@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lfs_repo(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real git-lfs bare repository holding the tiny checkpoint."""
-    from llama3_ops.lfsrepo import publish
+    from llama3_ops.lab.lfsrepo import publish
 
     bare = tmp_path_factory.mktemp("lfs") / "Meta-Llama-3-8B-Instruct.git"
     publish(tiny_model, bare)
@@ -39,7 +39,7 @@ def lfs_repo(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def lab() -> Iterator[object]:
     """The fresh-host lab: a bookworm rootfs built once per test run (about 45 s)."""
-    from llama3_ops.freshhost import FreshHostLab
+    from llama3_ops.lab.freshhost import FreshHostLab
 
     if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None or shutil.which("mmdebstrap") is None:
         if os.environ.get("CI"):
@@ -76,7 +76,7 @@ def provisioned(lab: FreshHostLab, lfs_repo: Path, tiny_model: Path,
 @pytest.fixture
 def fresh_host(lab: object, request: pytest.FixtureRequest) -> Iterator[object]:
     """A throwaway host booted for one test; yields an SSHTarget."""
-    from llama3_ops.freshhost import FreshHostLab
+    from llama3_ops.lab.freshhost import FreshHostLab
 
     assert isinstance(lab, FreshHostLab)
     offset = next(_host_offset)

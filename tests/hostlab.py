@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama3_ops.connection import SSHTarget
-from llama3_ops.freshhost import FreshHostLab
-from llama3_ops.provision import PlaybookRun, run_playbook
+from llama3_ops.lab.freshhost import FreshHostLab
+from llama3_ops.provision.playbook import PlaybookRun, run_playbook
+from llama3_ops.remote.connection import SSHTarget
 
 FIXTURES = "/srv/llama3-fixtures"
 GOOD_URL = f"file://{FIXTURES}/Meta-Llama-3-8B-Instruct.git"

@@ -31,7 +31,7 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
     (command -v sshd || ls /usr/sbin/sshd || echo "no sshd") 2>&1 | tee -a "$WORK/results/gpu.txt"
     if [ ! -f "$MODEL/config.json" ]; then
       log "making the Llama-3-8B-shaped checkpoint (real config and tokenizer, random bf16 weights)"
-      python3 -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda
+      python3 -m llama3_ops.lab.checkpoint "$MODEL" --shape 8b --device cuda
     fi
     du -sh "$MODEL" ;;
   offline)
@@ -48,7 +48,7 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
   serve)
     name=$2; shift 2
     log "serve $name: $*"
-    python3 -m llama3_ops.serve --local up --engine lmdeploy --backend pytorch --model "$PWD/$MODEL" \
+    python3 -m llama3_ops.stages.serve --local up --engine lmdeploy --backend pytorch --model "$PWD/$MODEL" \
       --env-bin-dir /tmp/site/bin --env "PYTHONPATH=$PYTHONPATH" "$@" 2>&1 | tee "$WORK/results/serve-$name.log" | tail -5
     model_id=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
     sampler=$(gpu_sampler "$WORK/results/gpu-util-online-$name.csv")
@@ -63,7 +63,7 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
     done
     kill "$sampler" 2>/dev/null || true
     cp "$HOME/.local/state/llama3-ops/logs/llm.log" "$WORK/results/server-$name.log" 2>/dev/null || true
-    python3 -m llama3_ops.serve --local stop 2>&1 | tail -2 ;;
+    python3 -m llama3_ops.stages.serve --local stop 2>&1 | tail -2 ;;
   pack)
     tar czf "$OUT/results.tgz" -C "$WORK" results
     ls -la "$OUT" ;;

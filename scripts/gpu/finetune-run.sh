@@ -61,7 +61,7 @@ print('xtuner', xtuner.__version__, 'transformers', transformers.__version__, 'p
       run setup sh -c 'mkdir -p "$HOME/llama3-course" && printf "%s\n" "$1" > "$HOME/llama3-course/host.json"' \
         sh "{\"course_dir\": \"~/llama3-course\", \"profile\": \"device\", \"envs\": {\"llama3\": \"$FTSITE/bin\"}}"
       if [ "$DRY" = 1 ] || [ ! -f "$MODEL/config.json" ]; then
-        run setup "$PY" -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda || exit 3
+        run setup "$PY" -m llama3_ops.lab.checkpoint "$MODEL" --shape 8b --device cuda || exit 3
       fi
       ;;
     finetune)
@@ -85,7 +85,7 @@ print('xtuner', xtuner.__version__, 'transformers', transformers.__version__, 'p
       ;;
     serve)
       log "serve the merged model (fab serve --model merged's code path) and ask it once"
-      run serve "$PY" -m llama3_ops.serve --local up --engine lmdeploy --backend pytorch --model merged \
+      run serve "$PY" -m llama3_ops.stages.serve --local up --engine lmdeploy --backend pytorch --model merged \
         --env-bin-dir "$SITE/bin" --env "PYTHONPATH=$PYTHONPATH" --timeout 300 || true
       run serve "$PY" - <<'PY'
 import json, time, urllib.request
@@ -101,7 +101,7 @@ print(json.dumps({"model": model, "seconds": round(time.monotonic() - t, 2), "us
                   "reply": res["choices"][0]["message"]["content"]}, ensure_ascii=False))
 PY
       [ "$DRY" = 1 ] || cp "$LOGS/llm.log" "$OUT/service-llm.log" 2>/dev/null
-      run serve "$PY" -m llama3_ops.serve --local stop
+      run serve "$PY" -m llama3_ops.stages.serve --local stop
       ;;
     webdemo)
       log "webdemo: LocalBackend on the GPU (transformers $("$FTSITE/bin/python" -c 'import transformers as t; print(t.__version__)' 2>/dev/null))"

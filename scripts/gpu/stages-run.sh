@@ -18,7 +18,7 @@
 #   chat4bit  the same chat with the 4-bit model (0.18's PyTorch engine: Triton AWQ kernels; the
 #             TurboMind extension is not carried: it is built for CUDA 12, the machine has CUDA 13)
 #   llava     `fab llava`'s code (llama3_ops.stages.llava --local) on a LLaVA-Llama-3-8B-shaped
-#             checkpoint (transformers format, random weights: llama3_ops.llava_checkpoint) and a
+#             checkpoint (transformers format, random weights: llama3_ops.lab.llava_checkpoint) and a
 #             generated PNG, through lmdeploy's pipeline
 #   summary   $OUT/stages-summary.json (every phase's exit status, seconds, GPU memory, AWQ marker)
 # Logs: $OUT/stages-<phase>.log. Budget: about 6-7 minutes on an H100 (engine starts ~50 s each,
@@ -63,7 +63,7 @@ llama3_ops.stages.quantize, llama3_ops.stages.llava; print('imports ok: lmdeploy
       needs_model=0
       case " $PHASES " in *" chat "*|*" quantize "*|*" chat4bit "*) needs_model=1 ;; esac
       if [ "$needs_model" = 1 ] && { [ "$DRY" = 1 ] || [ ! -f "$MODEL/config.json" ]; }; then
-        run setup "$PY" -m llama3_ops.checkpoint "$MODEL" --shape 8b --device cuda
+        run setup "$PY" -m llama3_ops.lab.checkpoint "$MODEL" --shape 8b --device cuda
       fi
       ;;
     chat)
@@ -88,7 +88,7 @@ llama3_ops.stages.quantize, llama3_ops.stages.llava; print('imports ok: lmdeploy
     llava)
       log "llava: LLaVA-Llama-3-8B-shaped checkpoint (random weights), one image, lmdeploy pipeline"
       if [ "$DRY" = 1 ] || [ ! -f "$LLAVA/config.json" ]; then
-        run llava "$PY" -m llama3_ops.llava_checkpoint "$LLAVA" --shape 8b --device cuda
+        run llava "$PY" -m llama3_ops.lab.llava_checkpoint "$LLAVA" --shape 8b --device cuda
       fi
       run llava "$PY" -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (640, 480), (135, 206, 235)); \
 d = ImageDraw.Draw(im); d.rectangle((0, 360, 640, 480), fill=(34, 139, 34)); d.ellipse((480, 40, 580, 140), fill=(255, 215, 0)); \

@@ -41,6 +41,6 @@ for tp in $TPS; do
 --engine-setting cache_max_entry_count=$CACHE" CONCURRENCY=$C \
   phase "${ON_LIMIT:-190}" "$D" serve "tp$tp" --tp "$tp" --max-batch-size "$C" --cache-max-entry-count "$CACHE" \
     --timeout 170 "${ENVS[@]}"
-  python3 -m llama3_ops.serve --local stop >/dev/null 2>&1 || true   # if the phase overran
+  python3 -m llama3_ops.stages.serve --local stop >/dev/null 2>&1 || true   # if the phase overran
 done
 echo "total $(( $(date +%s) - t0 ))s"

@@ -14,8 +14,8 @@ import pytest
 from llama3_ops.bench.cli import main
 from llama3_ops.bench.client import ClientConfig, run_load
 from llama3_ops.bench.metrics import aggregate
-from llama3_ops.bench.standin import ServerURL, standin_process, transformers_serve_process
 from llama3_ops.bench.workload import Request
+from llama3_ops.lab.standin import ServerURL, standin_process, transformers_serve_process
 
 pytestmark = pytest.mark.slow
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

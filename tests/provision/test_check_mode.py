@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hostlab import slot_name
-from llama3_ops.freshhost import FreshHostLab, write_inventory
-from llama3_ops.provision import run_playbook
+from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
+from llama3_ops.provision.playbook import run_playbook
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 

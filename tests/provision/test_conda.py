@@ -26,7 +26,7 @@ import yaml
 
 from gitpkg import tagged_package_repo
 from hostlab import Provisioned, slot_name
-from llama3_ops.freshhost import FreshHostLab, write_inventory
+from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 

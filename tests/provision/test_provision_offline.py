@@ -20,9 +20,9 @@ import pytest
 
 from gitpkg import tagged_package_repo
 from hostlab import Provisioned, slot_name
-from llama3_ops.freshhost import FreshHostLab, write_inventory
-from llama3_ops.provision import PlaybookRun
-from llama3_ops.wheelhouse import MANIFEST, WheelhouseError, build, load_profile, plan
+from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
+from llama3_ops.provision.playbook import PlaybookRun
+from llama3_ops.provision.wheelhouse import MANIFEST, WheelhouseError, build, load_profile, plan
 
 HOME = "/home/student"
 MODEL_SRC = "/srv/model-src/Meta-Llama-3-8B-Instruct"
@@ -183,8 +183,8 @@ def test_wheelhouse_bad_input(tmp_path: Path) -> None:
                                                   "commit": "v0.1.18"}]}})
     with pytest.raises(WheelhouseError, match="has no target Python"):
         plan("cpu", envs={"x": {"packages": ["six==1.17.0"]}})
-    cli = subprocess.run([sys.executable, "-m", "llama3_ops.wheelhouse", "gpu-fast", "--out", str(tmp_path / "w")],
-                         capture_output=True, text=True, check=False)
+    cli = subprocess.run([sys.executable, "-m", "llama3_ops.provision.wheelhouse", "gpu-fast",
+                          "--out", str(tmp_path / "w")], capture_output=True, text=True, check=False)
     assert cli.returncode == 1 and "unknown profile 'gpu-fast'" in cli.stderr
 
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from llama3_ops import chat_client
-from llama3_ops.connection import SSHTarget
-from llama3_ops.ports import find_free_port
-from llama3_ops.procs import stop_process
-from llama3_ops.services import SSHRemote
+from llama3_ops.remote.connection import SSHTarget
+from llama3_ops.remote.ports import find_free_port
+from llama3_ops.remote.procs import stop_process
+from llama3_ops.remote.services import SSHRemote
+from llama3_ops.stages import client as chat_client
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -217,7 +217,7 @@ class KilledMidStream:
     """What :func:`kill_ssh_mid_stream` saw: the reconnect, and each in-flight stream's outcome."""
 
     old_pid: int
-    reconnect: Any  # llama3_ops.tunnel.Reconnect
+    reconnect: Any  # llama3_ops.remote.tunnel.Reconnect
     results: list[dict[str, object]]
 
     @property

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from hostlab import Provisioned
-from llama3_ops import serve as srv
-from llama3_ops import services, tunnel
-from llama3_ops.ports import find_free_port, is_port_free, port_accepts
-from llama3_ops.tunnel import OpenSSHTunnel, TunnelSpec
+from llama3_ops.remote import services, tunnel
+from llama3_ops.remote.ports import find_free_port, is_port_free, port_accepts
+from llama3_ops.remote.tunnel import OpenSSHTunnel, TunnelSpec
+from llama3_ops.stages import serve as srv
 
 from .conftest import kill_ssh_mid_stream, stream_worker
 

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops import chat_client, health, serve, services, tunnel
-from llama3_ops.connection import HostKeyMismatchError
-from llama3_ops.ports import find_free_port, listening_pids, port_accepts
-from llama3_ops.tunnel import OpenSSHTunnel, ParamikoTunnel, TunnelSpec
+from llama3_ops.remote import health, services, tunnel
+from llama3_ops.remote.connection import HostKeyMismatchError
+from llama3_ops.remote.ports import find_free_port, listening_pids, port_accepts
+from llama3_ops.remote.tunnel import OpenSSHTunnel, ParamikoTunnel, TunnelSpec
+from llama3_ops.stages import client as chat_client
+from llama3_ops.stages import serve
 
 from .conftest import SSHHost, kill_ssh_mid_stream, stream_worker
 
@@ -283,7 +285,7 @@ def test_server_dying_at_startup_leaves_nothing_behind(ssh_target: SSHHost) -> N
     t = ssh_target.target
     proc = subprocess.run(
         [
-            sys.executable, "-m", "llama3_ops.serve",
+            sys.executable, "-m", "llama3_ops.stages.serve",
             "--host", t.host, "--user", t.user, "--ssh-port", str(t.port),
             "--key", str(t.key_file), "--known-hosts", str(t.known_hosts),
             "up", "--engine", "transformers", "--model", bogus, "--port", str(port),

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops import services
-from llama3_ops.connection import HostKeyMismatchError, SSHTarget, classify_ssh_failure
-from llama3_ops.ports import find_free_port, is_port_free, listening_pids
-from llama3_ops.serve import ServeConfig, ServeConfigError, build_spec, display_command, resolve_model
-from llama3_ops.services import LocalRemote, Secret, ServiceSpec
+from llama3_ops.remote import services
+from llama3_ops.remote.connection import HostKeyMismatchError, SSHTarget, classify_ssh_failure
+from llama3_ops.remote.ports import find_free_port, is_port_free, listening_pids
+from llama3_ops.remote.services import LocalRemote, Secret, ServiceSpec
+from llama3_ops.stages.serve import ServeConfig, ServeConfigError, build_spec, display_command, resolve_model
 
 HOME = "/home/u"
 
@@ -230,7 +230,7 @@ def test_target_from_real_ansible_inventory(tmp_path: Path) -> None:
 
 def test_status_survives_a_log_without_final_newline(tmp_path: Path) -> None:
     """lmdeploy's log ends in a progress bar (no newline): status must still parse."""
-    from llama3_ops import services as svc
+    from llama3_ops.remote import services as svc
 
     run_dir = tmp_path / ".local/state/llama3-ops/run"
     log_dir = tmp_path / ".local/state/llama3-ops/logs"
@@ -246,8 +246,8 @@ def test_status_survives_a_log_without_final_newline(tmp_path: Path) -> None:
 
 
 def test_openssh_tunnel_argv_loopback_keepalive_ciphers_and_short_reconnects() -> None:
-    from llama3_ops.connection import SSHTarget
-    from llama3_ops.tunnel import OpenSSHTunnel, TunnelSpec
+    from llama3_ops.remote.connection import SSHTarget
+    from llama3_ops.remote.tunnel import OpenSSHTunnel, TunnelSpec
 
     spec = TunnelSpec(target=SSHTarget(host="gpu1", user="u", port=2222), local_port=23334)
     tun = OpenSSHTunnel(spec)

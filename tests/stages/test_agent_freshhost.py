@@ -19,9 +19,9 @@ import pytest
 from rich.console import Console
 
 from hostlab import MODEL_DIR, Provisioned
-from llama3_ops import services, tunnel
-from llama3_ops.ports import find_free_port
-from llama3_ops.remote_files import put_package_file
+from llama3_ops.remote import services, tunnel
+from llama3_ops.remote.files import put_package_file
+from llama3_ops.remote.ports import find_free_port
 from llama3_ops.stages import agent as ag
 from llama3_ops.stages import webdemo as wd
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops.connection import SSHTarget
-from llama3_ops.services import LocalRemote
+from llama3_ops.remote.connection import SSHTarget
+from llama3_ops.remote.services import LocalRemote
 from llama3_ops.stages import chat
 from llama3_ops.stages.lm_models import HostModel, LmdeployEnv, ModelError
 
@@ -354,8 +354,8 @@ def test_run_interactive_prints_the_memory_report_after_the_session(ssh_chat_hos
     write_gpus(Path(host.home) / "envs/lmdeploy/bin/gpu-state.json", [dict(H100)])
     code = (
         "import json, sys\n"
-        "from llama3_ops.connection import SSHTarget\n"
-        "from llama3_ops.services import SSHRemote\n"
+        "from llama3_ops.remote.connection import SSHTarget\n"
+        "from llama3_ops.remote.services import SSHRemote\n"
         "from llama3_ops.stages import chat\n"
         "t = SSHTarget.from_dict(json.loads(sys.argv[1]))\n"
         "rc = chat.run_interactive(SSHRemote(t), chat.ChatConfig(cache_max_entry_count=0.01, check_gpu=False))\n"

@@ -22,10 +22,10 @@ import pytest
 from rich.console import Console
 
 from hostlab import Provisioned
-from llama3_ops import serve as srv
-from llama3_ops import services, tunnel
-from llama3_ops.ports import find_free_port
+from llama3_ops.remote import services, tunnel
+from llama3_ops.remote.ports import find_free_port
 from llama3_ops.stages import agent_finetune, finetune
+from llama3_ops.stages import serve as srv
 from llama3_ops.stages.finetune import READY_MARKER, TRAIN_DONE, FinetuneError
 
 from .test_agent_finetune import write_agent_flan

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llama3_ops.services import LocalRemote
+from llama3_ops.remote.services import LocalRemote
 from llama3_ops.stages import llava
 from llama3_ops.stages.gpu import GPUCheckError
 from llama3_ops.stages.lm_models import LmdeployEnv
@@ -176,7 +176,7 @@ def test_tiny_llava_checkpoint_loads_in_transformers_and_takes_an_image(tmp_path
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llama3_ops import llava_checkpoint as lc
+    from llama3_ops.lab import llava_checkpoint as lc
 
     out = lc.make_llava_checkpoint(tmp_path / "llava", "tiny")
     model, info = LlavaForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
@@ -241,7 +241,7 @@ def test_real_lmdeploy_018_preprocesses_an_image_for_a_transformers_format_llava
     tiny random-weight LLaVA: the PIL image processor is used and the image becomes 16 image tokens.
     (On the H200, the torchvision processor that transformers 5 picks failed this step:
     results/h200/2026-12-01/llava/before-fix-diag.log.)"""
-    from llama3_ops import llava_checkpoint as lc
+    from llama3_ops.lab import llava_checkpoint as lc
 
     py = lmdeploy_python("0.18.0")
     model = lc.make_llava_checkpoint(tmp_path / "llava", "tiny")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops import checkpoint
-from llama3_ops.services import LocalRemote
+from llama3_ops.lab import checkpoint
+from llama3_ops.remote.services import LocalRemote
 from llama3_ops.stages import chat, quantize
 from llama3_ops.stages.lm_files import awq_offline
 from llama3_ops.stages.lm_models import LmdeployEnv, ModelError
@@ -324,7 +324,7 @@ def test_stages_run_dry_run_prints_the_commands(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "out").exists() and not (ROOT / ".gpu-work-dryrun-test").exists()  # nothing ran
     mods = [c[c.index("-m") + 1] for c in cmds if "-m" in c]
-    assert mods == ["pip", "llama3_ops.checkpoint", "llama3_ops.stages.chat", "llama3_ops.stages.quantize",
+    assert mods == ["pip", "llama3_ops.lab.checkpoint", "llama3_ops.stages.chat", "llama3_ops.stages.quantize",
                     "llama3_ops.stages.chat"]
     chats = [chat_stage.build_parser().parse_args(c[c.index("-m") + 2:]) for c in cmds if "llama3_ops.stages.chat" in c]
     model = str(ROOT / ".gpu-work-dryrun-test" / "Meta-Llama-3-8B-Instruct")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops import serve as srv
-from llama3_ops import services
-from llama3_ops.services import LocalRemote
+from llama3_ops.remote import services
+from llama3_ops.remote.services import LocalRemote
 from llama3_ops.stages import gpu
+from llama3_ops.stages import serve as srv
 
 from .lm_support import H100, base_path, fake_env
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from llama3_ops.bench.standin import free_port, transformers_serve_process
+from llama3_ops.lab.standin import free_port, transformers_serve_process
 from llama3_ops.stages.webdemo import WEBDEMO_APP
 
 if os.environ.get("CI"):

@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from llama3_ops.bench.standin import free_port, wait_http_ok
-from llama3_ops.procs import stop_process
+from llama3_ops.lab.standin import free_port, wait_http_ok
+from llama3_ops.remote.procs import stop_process
 from llama3_ops.stages.webdemo import WEBDEMO_APP
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

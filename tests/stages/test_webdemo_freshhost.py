@@ -15,9 +15,9 @@ import pytest
 from rich.console import Console
 
 from hostlab import MODEL_DIR, Provisioned
-from llama3_ops import serve as srv
-from llama3_ops import services, tunnel
-from llama3_ops.ports import find_free_port, is_port_free
+from llama3_ops.remote import services, tunnel
+from llama3_ops.remote.ports import find_free_port, is_port_free
+from llama3_ops.stages import serve as srv
 from llama3_ops.stages import webdemo as wd
 
 from .test_webdemo_browser import assert_real_png, visit

@@ -26,13 +26,14 @@ def dry_run(script: str, *phases: str, env: dict[str, str] | None = None, tmp: P
 
 @pytest.mark.parametrize("script, phases, expected", [
     ("finetune-run.sh", ("setup", "finetune", "serve", "webdemo", "agentft"), [
-        "-m llama3_ops.checkpoint", "-m llama3_ops.stages.finetune --local --device gpu --count 2000 --max-iters 32",
-        "-m llama3_ops.serve --local up --engine lmdeploy --backend pytorch --model merged",
+        "-m llama3_ops.lab.checkpoint",
+        "-m llama3_ops.stages.finetune --local --device gpu --count 2000 --max-iters 32",
+        "-m llama3_ops.stages.serve --local up --engine lmdeploy --backend pytorch --model merged",
         "-m llama3_ops.stages.agent_finetune --local --device gpu", "--max-iters 8 --until train",
     ]),
     ("stages-run.sh", ("setup", "chat", "quantize", "chat4bit", "llava"), [
         "-m llama3_ops.stages.chat --local", "-m llama3_ops.stages.quantize --local --model",
-        "--calib-samples 128 --calib-seqlen 1024", "-m llama3_ops.llava_checkpoint",
+        "--calib-samples 128 --calib-seqlen 1024", "-m llama3_ops.lab.llava_checkpoint",
         "-m llama3_ops.stages.llava --local", "--backend pytorch --max-new-tokens 64",
     ]),
 ])
@@ -54,6 +55,6 @@ def test_unknown_phase_is_refused(tmp_path: Path) -> None:
 def test_every_module_the_scripts_run_exists() -> None:
     text = "".join(p.read_text() for p in GPU.glob("*.sh"))
     modules = set(re.findall(r"-m (llama3_ops(?:\.\w+)+)", text))
-    assert {"llama3_ops.stages.finetune", "llama3_ops.stages.llava", "llama3_ops.llava_checkpoint"} <= modules
+    assert {"llama3_ops.stages.finetune", "llama3_ops.stages.llava", "llama3_ops.lab.llava_checkpoint"} <= modules
     for mod in modules:
         assert importlib.util.find_spec(mod) is not None, mod

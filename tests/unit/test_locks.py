@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama3_ops import locks
-from llama3_ops.locks import LockError, check_locks, load_env_specs, lock_entries
+from llama3_ops.provision.locks import LockError, check_locks, load_env_specs, lock_entries
+from llama3_ops.provision import locks
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "profiles"
@@ -317,7 +317,7 @@ def test_git_package_pip_spec() -> None:
 
 def _cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "llama3_ops.locks", *args], capture_output=True, text=True, timeout=120, **kw
+        [sys.executable, "-m", "llama3_ops.provision.locks", *args], capture_output=True, text=True, timeout=120, **kw
     )
 
 

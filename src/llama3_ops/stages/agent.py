@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from llama3_ops import services
+from llama3_ops.remote import services
 from llama3_ops.stages.webdemo import StageError, StreamlitApp, StreamlitConfig, run_stage
 
 DEFAULT_PORT = 8502

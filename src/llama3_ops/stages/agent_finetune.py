@@ -32,9 +32,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llama3_ops import services
-from llama3_ops.remote_files import put_text
-from llama3_ops.services import Remote, ServiceSpec
+from llama3_ops.remote import services
+from llama3_ops.remote.files import put_text
+from llama3_ops.remote.services import Remote, ServiceSpec
 from llama3_ops.stages import finetune_log
 from llama3_ops.stages.finetune import (
     Device,

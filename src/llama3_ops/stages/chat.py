@@ -33,9 +33,10 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from llama3_ops import remote_files, services
-from llama3_ops.connection import SSHTarget
-from llama3_ops.services import Remote
+from llama3_ops.remote import files as remote_files
+from llama3_ops.remote import services
+from llama3_ops.remote.connection import SSHTarget
+from llama3_ops.remote.services import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
 

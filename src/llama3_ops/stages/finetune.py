@@ -9,7 +9,7 @@ in a foreground terminal. Steps, each skipped when a marker says it is done for 
 2. **config**: the XTuner config rendered for this host (:mod:`llama3_ops.stages.finetune_config`)
    into ``~/llama3-course/configs/``;
 3. **train**: ``xtuner train`` as the supervised service ``finetune-train``
-   (:mod:`llama3_ops.services`); progress (iteration, loss, eta) is read from its log into a rich
+   (:mod:`llama3_ops.remote.services`); progress (iteration, loss, eta) is read from its log into a rich
    progress bar. Ctrl-C detaches: training goes on, and running the task again follows it. A run
    that stopped part-way is resumed from its newest checkpoint (``--resume``);
 4. **convert**: ``xtuner convert pth_to_hf`` on the newest ``iter_<N>.pth`` of the work dir
@@ -51,10 +51,9 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops import services
-from llama3_ops.remote_files import put_text
-from llama3_ops.serve import MODELS
-from llama3_ops.services import Remote, ServiceSpec, ServiceStatus
+from llama3_ops.remote import services
+from llama3_ops.remote.files import put_text
+from llama3_ops.remote.services import Remote, ServiceSpec, ServiceStatus
 from llama3_ops.stages import finetune_log
 from llama3_ops.stages.finetune_config import (
     AGENT_FLAN,
@@ -66,6 +65,7 @@ from llama3_ops.stages.finetune_config import (
 )
 from llama3_ops.stages.finetune_data import SelfCognition
 from llama3_ops.stages.gpu import GPUCheckError, NoGPUError, check_disk, check_stage, query_gpus
+from llama3_ops.stages.serve import MODELS
 
 PACKAGE = "llama3_ops.stages"
 COURSE_DIR = "~/llama3-course"

@@ -42,8 +42,9 @@ from typing import Any, Literal, get_args
 
 from rich.console import Console
 
-from llama3_ops import remote_files, services
-from llama3_ops.services import Remote
+from llama3_ops.remote import files as remote_files
+from llama3_ops.remote import services
+from llama3_ops.remote.services import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
 

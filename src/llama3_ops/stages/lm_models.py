@@ -1,6 +1,6 @@
 """Models and the lmdeploy environment on the host, shared by ``fab chat``, ``fab quantize`` and ``fab llava``.
 
-Model names resolve as in :func:`llama3_ops.serve.resolve_model` (``base``, ``merged``, ``4bit`` or a
+Model names resolve as in :func:`llama3_ops.stages.serve.resolve_model` (``base``, ``merged``, ``4bit`` or a
 path; ``4bit`` means ``--model-format awq``). :func:`check_model` runs one remote script and fails with
 a message that names the stage that makes the missing model.
 """
@@ -13,8 +13,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from llama3_ops import serve
-from llama3_ops.services import Remote
+from llama3_ops.remote.services import Remote
+from llama3_ops.stages import serve
 
 STAGE_FILES_DIR = "~/.local/share/llama3-ops/stages"  # host-side scripts are uploaded here
 AWQ_MARKER = ".llama3-ops-awq.json"  # written by lm_files/awq_offline.py when a quantization finished

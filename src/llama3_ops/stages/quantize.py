@@ -41,8 +41,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops import remote_files, services
-from llama3_ops.services import Remote, ServiceSpec
+from llama3_ops.remote import files as remote_files
+from llama3_ops.remote import services
+from llama3_ops.remote.services import Remote, ServiceSpec
 from llama3_ops.stages import gpu
 from llama3_ops.stages.lm_models import AWQ_MARKER, STAGE_FILES_DIR, LmdeployEnv, check_model, expand, probe_env
 

@@ -10,7 +10,7 @@ foreground terminal plus a hand-typed ``ssh -L``. Steps:
 2. upload the app (:mod:`llama3_ops.stages.webapp`, shipped in this package) to
    ``~/llama3-course/webdemo/``;
 3. start ``streamlit run ... --server.address 127.0.0.1 --server.port 8501 --server.headless true``
-   as the supervised service ``webdemo`` (:mod:`llama3_ops.services`), wait for Streamlit's
+   as the supervised service ``webdemo`` (:mod:`llama3_ops.remote.services`), wait for Streamlit's
    ``/_stcore/health`` on the host (a failed start is stopped again, with the last log lines);
 4. open the tunnel to local 8501, or the next free port (it says so), and print the URL.
 
@@ -31,12 +31,12 @@ from typing import Literal
 
 from rich.console import Console
 
-from llama3_ops import health, services, tunnel
-from llama3_ops.connection import SSHError, SSHTarget
-from llama3_ops.ports import NoFreePortError
-from llama3_ops.remote_files import put_package_file
-from llama3_ops.serve import API_KEY_ENV, MODELS, resolve_model
-from llama3_ops.services import Remote, ServiceSpec, ServiceStatus
+from llama3_ops.remote import health, services, tunnel
+from llama3_ops.remote.connection import SSHError, SSHTarget
+from llama3_ops.remote.files import put_package_file
+from llama3_ops.remote.ports import NoFreePortError
+from llama3_ops.remote.services import Remote, ServiceSpec, ServiceStatus
+from llama3_ops.stages.serve import API_KEY_ENV, MODELS, resolve_model
 
 PACKAGE = "llama3_ops.stages"
 HEALTH_PATH = "/_stcore/health"

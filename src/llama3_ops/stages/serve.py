@@ -1,7 +1,7 @@
 """Build and run the course's OpenAI-compatible model server on the host (stage 4, "deploy").
 
 Replaces ``lmdeploy serve api_server ... --server-name 0.0.0.0`` in a foreground terminal with a
-supervised service bound to 127.0.0.1 (reached through :mod:`llama3_ops.tunnel`).
+supervised service bound to 127.0.0.1 (reached through :mod:`llama3_ops.remote.tunnel`).
 
 Model names (relative to the host user's ``$HOME``):
 
@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from llama3_ops import health, services
-from llama3_ops.connection import SSHError, SSHTarget
-from llama3_ops.ports import DEFAULT_PORT
-from llama3_ops.services import Arg, Remote, Secret, ServiceSpec, ServiceStatus
+from llama3_ops.remote import health, services
+from llama3_ops.remote.connection import SSHError, SSHTarget
+from llama3_ops.remote.ports import DEFAULT_PORT
+from llama3_ops.remote.services import Arg, Remote, Secret, ServiceSpec, ServiceStatus
 from llama3_ops.stages import gpu
 
 MODELS: dict[str, str] = {
@@ -272,7 +272,7 @@ def report_status(
     log_lines: int = 5,
 ) -> StatusReport:
     """Services on the host (state + health) and tunnels on this machine; prints rich tables."""
-    from llama3_ops import tunnel
+    from llama3_ops.remote import tunnel
 
     sts = services.list_services(remote, log_lines=log_lines) if remote is not None else []
     hl: dict[str, str] = {}
@@ -326,8 +326,8 @@ def target_from_args(args: argparse.Namespace) -> SSHTarget:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m llama3_ops.serve [target options] up|status|logs|stop ...`` (exit 1 on failure)."""
-    p = argparse.ArgumentParser(prog="python -m llama3_ops.serve")
+    """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...`` (exit 1 on failure)."""
+    p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.serve")
     p.add_argument("--local", action="store_true", help="run on this machine, no SSH")
     p.add_argument("--inventory")
     p.add_argument("--host-name", default="")

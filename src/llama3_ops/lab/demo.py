@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from llama3_ops import serve as srv
-from llama3_ops import tunnel
-from llama3_ops.checkpoint import make_checkpoint
-from llama3_ops.connection import SSHTarget
-from llama3_ops.freshhost import FreshHostError, FreshHostLab, write_inventory
-from llama3_ops.lfsrepo import publish
-from llama3_ops.provision import ROOT, run_playbook
-from llama3_ops.services import SSHRemote
+from llama3_ops.lab.checkpoint import make_checkpoint
+from llama3_ops.lab.freshhost import FreshHostError, FreshHostLab, write_inventory
+from llama3_ops.lab.lfsrepo import publish
+from llama3_ops.provision.playbook import ROOT, run_playbook
+from llama3_ops.remote import tunnel
+from llama3_ops.remote.connection import SSHTarget
+from llama3_ops.remote.services import SSHRemote
+from llama3_ops.stages import serve as srv
 
 FIXTURE = "/srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git"
 NAME, IDX = "demo", 1
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             console.print(f"kept: ssh -i {lab.key} -o UserKnownHostsFile={target.known_hosts} "
                           f"student@{target.host}; API at {state.url}; "
-                          "stop with: python -m llama3_ops.tunnel down; "
-                          f"python -m llama3_ops.freshhost down {NAME} {IDX}")
+                          "stop with: python -m llama3_ops.remote.tunnel down; "
+                          f"python -m llama3_ops.lab.freshhost down {NAME} {IDX}")
     except FreshHostError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1

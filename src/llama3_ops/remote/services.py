@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Literal, Protocol
 
-from llama3_ops.connection import SSHTarget, classify_ssh_failure
+from llama3_ops.remote.connection import SSHTarget, classify_ssh_failure
 
 STATE_REL = ".local/state/llama3-ops"
 UNIT_PREFIX = "llama3-"

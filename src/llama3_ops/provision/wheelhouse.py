@@ -19,7 +19,7 @@ Then every env is resolved against the directory alone (``pip install --dry-run 
 a missing file fails here, not on the offline host. ``llama3-ops-wheelhouse.json`` in the directory
 records what it holds.
 
-    python -m llama3_ops.wheelhouse cpu --out build/wheelhouse-cpu
+    python -m llama3_ops.provision.wheelhouse cpu --out build/wheelhouse-cpu
     ansible-playbook site.yml -e llama3_offline=true -e llama3_python_env_wheelhouse=$PWD/build/wheelhouse-cpu
 """
 
@@ -43,7 +43,7 @@ import yaml
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROFILES_DIR = ROOT / "profiles"
 LOCKS_DIR = ROOT / "locks"
 MANIFEST = "llama3-ops-wheelhouse.json"
@@ -305,7 +305,7 @@ def _check(pip: _Pip, p: EnvPlan, out: Path, platforms: Sequence[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama3_ops.wheelhouse", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.provision.wheelhouse", description=__doc__.split("\n\n")[0])
     ap.add_argument("profile", help="a profile name (profiles/NAME.yml)")
     ap.add_argument("--out", type=Path, required=True, help="the wheelhouse directory (created; re-runs reuse it)")
     ap.add_argument("--env", action="append", default=[], help="only this env (repeatable; default all)")

@@ -9,7 +9,7 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (streaming or not), ``GET /stats`` (requests, in flight, max in
 flight since start or last reset), ``POST /stats/reset``.
 
-Usage: ``python -m llama3_ops.bench.standin --port P --tokens-per-s R [--ttft-ms T] [--host H]``
+Usage: ``python -m llama3_ops.lab.standin --port P --tokens-per-s R [--ttft-ms T] [--host H]``
 
 In Python: ``with standin_process(tokens_per_s=50) as base_url: ...`` runs it in a subprocess on a
 free port and waits until ``/health`` answers.
@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llama3_ops.procs import stop_process
+from llama3_ops.remote.procs import stop_process
 
 DEFAULT_MAX_TOKENS = 16
 TOKEN_TEXT = " hi"  # noqa: S105 - not a secret
@@ -208,7 +208,7 @@ def standin_process(
     cmd = [
         sys.executable,
         "-m",
-        "llama3_ops.bench.standin",
+        "llama3_ops.lab.standin",
         "--host",
         host,
         "--port",
@@ -266,7 +266,7 @@ def transformers_serve_process(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m llama3_ops.bench.standin", description=__doc__.split("\n")[0]
+        prog="python -m llama3_ops.lab.standin", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)

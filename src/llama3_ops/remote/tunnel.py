@@ -12,7 +12,7 @@ Two implementations with one interface (:class:`Tunnel`):
 Both bind 127.0.0.1 only, move to the next free port when the wanted one is busy (and say so), declare
 ready only once the local listener accepts, check host keys strictly (no silent accept) and reconnect.
 
-Detached mode runs ``python -m llama3_ops.tunnel supervise STATE`` in its own session; its state file and
+Detached mode runs ``python -m llama3_ops.remote.tunnel supervise STATE`` in its own session; its state file and
 log live in ``~/.local/state/llama3-ops/tunnels/`` (``LLAMA3_OPS_STATE_DIR`` overrides the root) so
 ``tunnel_status()``/``down()`` find it.
 """
@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llama3_ops.connection import HostKeyMismatchError, SSHError, SSHTarget, classify_ssh_failure
-from llama3_ops.ports import DEFAULT_PORT, find_free_port, is_port_free, port_accepts
-from llama3_ops.procs import stop_process
+from llama3_ops.remote.connection import HostKeyMismatchError, SSHError, SSHTarget, classify_ssh_failure
+from llama3_ops.remote.ports import DEFAULT_PORT, find_free_port, is_port_free, port_accepts
+from llama3_ops.remote.procs import stop_process
 
 Impl = Literal["openssh", "paramiko"]
 EventSink = Callable[[str], None]
@@ -150,7 +150,7 @@ class Tunnel:
     def _health(self) -> str:
         if not self.spec.health_path:
             return ""
-        from llama3_ops.health import LocalHttpProbe, check_once
+        from llama3_ops.remote.health import LocalHttpProbe, check_once
 
         ok, detail = check_once(LocalHttpProbe(self.url), timeout=5)
         return "healthy" if ok else f"unhealthy ({detail})"
@@ -546,7 +546,7 @@ def _is_our_supervisor(pid: int) -> bool:
         except OSError:
             return False
         return True  # no /proc (macOS): trust the pid file
-    return b"llama3_ops.tunnel" in cmd and b"supervise" in cmd
+    return b"llama3_ops.remote.tunnel" in cmd and b"supervise" in cmd
 
 
 def _supervise_main(state_path: Path) -> int:
@@ -609,7 +609,7 @@ def up(spec: TunnelSpec, *, root: Path | None = None, timeout: float = 30.0) -> 
     _write_state(state_path, {"spec": spec.to_dict(), "name": spec.name, "status": "starting", "pid": 0})
     log = (d / f"{spec.name}.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama3_ops.tunnel", "supervise", str(state_path)],
+        [sys.executable, "-m", "llama3_ops.remote.tunnel", "supervise", str(state_path)],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -735,7 +735,7 @@ def print_tunnels(states: list[TunnelState], console: Any = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama3_ops.tunnel")
+    parser = argparse.ArgumentParser(prog="python -m llama3_ops.remote.tunnel")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("supervise", help="internal: run a detached tunnel from its state file")
     sp.add_argument("state_file", type=Path)

@@ -17,8 +17,8 @@ The roles install a lock with ``pip install --require-hashes --no-deps -r <lock>
 env's ``git_packages`` with ``--no-deps`` from ``{llama3_git_base_url}/<url_path>@<commit>``; the
 dependencies of a git package are listed in the env's ``packages`` so that the lock holds them.
 
-    python -m llama3_ops.locks compile [PROFILE ...]   # all locked profiles when none is named
-    python -m llama3_ops.locks check                   # exit 1 and say what is stale
+    python -m llama3_ops.provision.locks compile [PROFILE ...]   # all locked profiles when none is named
+    python -m llama3_ops.provision.locks check                   # exit 1 and say what is stale
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ DEFAULT_PLATFORM = "x86_64-manylinux_2_28"
 UV_VERSION = "0.13.9"
 HEADER_KEY = "llama3-ops-spec:"
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROFILES_DIR = ROOT / "profiles"
 LOCKS_DIR = ROOT / "locks"
 
@@ -322,7 +322,7 @@ def lock_entries(text: str) -> dict[str, tuple[str, bool]]:
 def check_lock_text(spec: EnvSpec, text: str) -> list[str]:
     """What is wrong with one lock's text against its spec (empty when it matches)."""
     where = spec.label
-    fix = f"run `nox -s lock -- {spec.profile}` (python -m llama3_ops.locks compile {spec.profile})"
+    fix = f"run `nox -s lock -- {spec.profile}` (python -m llama3_ops.provision.locks compile {spec.profile})"
     header = parse_header(text)
     if header is None:
         return [f"{where}: the lock has no '# {HEADER_KEY}' header line; {fix}"]
@@ -431,7 +431,7 @@ def uv_command(spec: EnvSpec, uv: str, index: str) -> list[str]:
         "--default-index",
         index,
         "--custom-compile-command",
-        f"python -m llama3_ops.locks compile {spec.profile}",
+        f"python -m llama3_ops.provision.locks compile {spec.profile}",
     ]
 
 
@@ -560,7 +560,7 @@ def _print_problems(console: Console, problems: Iterable[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama3_ops.locks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llama3_ops.provision.locks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profiles-dir", type=Path, default=PROFILES_DIR)
     parser.add_argument("--locks-dir", type=Path, default=LOCKS_DIR)
     sub = parser.add_subparsers(dest="command", required=True)

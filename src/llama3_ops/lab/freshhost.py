@@ -12,7 +12,7 @@ The controller here has no Docker and no systemd, so a "fresh host" is built fro
 The guest's ``127.0.0.1`` is its own stack, so a server on the guest's 127.0.0.1:23333 and the
 tunnel's local 127.0.0.1:23333 never collide, exactly as with a real remote host.
 
-CLI: ``python -m llama3_ops.freshhost build|up NAME IDX|down NAME IDX|ssh NAME IDX [CMD...]``
+CLI: ``python -m llama3_ops.lab.freshhost build|up NAME IDX|down NAME IDX|ssh NAME IDX [CMD...]``
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama3_ops.connection import SSHTarget
+from llama3_ops.remote.connection import SSHTarget
 
 GUEST_USER = "student"
 SUBNET_PREFIX = "169.254.213"
@@ -191,7 +191,7 @@ class FreshHostLab:
     def up(self, name: str, idx: int, timeout: float = 60.0) -> SSHTarget:
         """Boot a fresh host and return once ``sudo -n true`` works over SSH."""
         if not self.rootfs_ready():
-            raise FreshHostError(f"no rootfs at {self.rootfs}: run `python -m llama3_ops.freshhost build` first")
+            raise FreshHostError(f"no rootfs at {self.rootfs}: run `python -m llama3_ops.lab.freshhost build` first")
         inst = self.instance(name, idx)
         if _run(["ip", "netns", "list"]).stdout.split().count(name):
             raise FreshHostError(f"network namespace {name} exists: stop the old host first (down {name} {idx})")
@@ -409,7 +409,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama3_ops.freshhost", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.lab.freshhost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=os.environ.get("LLAMA3_FRESH_HOSTS", ".fresh-hosts"))
     sub = ap.add_subparsers(dest="cmd", required=True)

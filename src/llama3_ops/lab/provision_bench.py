@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llama3_ops.checkpoint import make_checkpoint
-from llama3_ops.freshhost import FreshHostLab, write_inventory
-from llama3_ops.lfsrepo import publish
-from llama3_ops.provision import ROOT, run_playbook
+from llama3_ops.lab.checkpoint import make_checkpoint
+from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
+from llama3_ops.lab.lfsrepo import publish
+from llama3_ops.provision.playbook import ROOT, run_playbook
 
 FIXTURE = "/srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git"
 NAME, IDX = "pbench", 2

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llama3_ops.connection import SSHTarget
+from llama3_ops.remote.connection import SSHTarget
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def default_inventory() -> Path:

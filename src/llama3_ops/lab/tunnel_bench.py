@@ -3,8 +3,8 @@
 ``bench_tunnel()`` measures requests/s and streamed tokens/s against one server, once directly and
 once through each tunnel implementation (OpenSSH ``-L`` and Paramiko), at each concurrency.
 
-``python -m llama3_ops.tunnel_bench`` is self-contained: it runs the SSE stand-in
-(:mod:`llama3_ops.bench.standin`) and a throwaway sshd on 127.0.0.1 (as the current user, its own host
+``python -m llama3_ops.lab.tunnel_bench`` is self-contained: it runs the SSE stand-in
+(:mod:`llama3_ops.lab.standin`) and a throwaway sshd on 127.0.0.1 (as the current user, its own host
 key, key and known_hosts in a temp dir), then prints the table and writes JSON with ``--json``.
 """
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import aiohttp
 
-from llama3_ops.connection import SSHTarget
-from llama3_ops.ports import find_free_port, wait_port_accepts
-from llama3_ops.procs import stop_process
-from llama3_ops.tunnel import Impl, TunnelSpec, make_tunnel
+from llama3_ops.remote.connection import SSHTarget
+from llama3_ops.remote.ports import find_free_port, wait_port_accepts
+from llama3_ops.remote.procs import stop_process
+from llama3_ops.remote.tunnel import Impl, TunnelSpec, make_tunnel
 
 
 @dataclass
@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from llama3_ops.bench.standin import standin_process
+    from llama3_ops.lab.standin import standin_process
 
-    ap = argparse.ArgumentParser(prog="python -m llama3_ops.tunnel_bench")
+    ap = argparse.ArgumentParser(prog="python -m llama3_ops.lab.tunnel_bench")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--impl", nargs="+", default=["openssh", "paramiko"], choices=["openssh", "paramiko"])
     ap.add_argument("--requests-per-client", type=int, default=4)

