@@ -23,7 +23,7 @@ from fabric import Connection, task
 from rich.console import Console
 
 from llama3_ops.provision import playbook as provisioning
-from llama3_ops.remote import hosts, services, tunnel
+from llama3_ops.remote import hosts, services, transport, tunnel
 from llama3_ops.remote.health import NotReadyError
 from llama3_ops.stages import agent as agent_stage
 from llama3_ops.stages import agent_finetune as agent_ft
@@ -40,8 +40,8 @@ from llama3_ops.stages.lm_models import ModelError
 console = Console()
 
 
-def _remote(c: Connection) -> services.SSHRemote:
-    return services.SSHRemote(hosts.resolve(c.original_host or c.host))
+def _remote(c: Connection) -> transport.SSHRemote:
+    return transport.SSHRemote(hosts.resolve(c.original_host or c.host))
 
 
 @task
@@ -216,7 +216,7 @@ def _finetune_errors(run: object) -> None:
     except ft.FinetuneDetached as exc:
         console.print(f"[yellow]{exc}[/]")
         sys.exit(130)
-    except (ft.FinetuneError, services.ServiceError, services.RemoteCommandError) as exc:
+    except (ft.FinetuneError, services.ServiceError, transport.RemoteCommandError) as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(1)
 

@@ -28,7 +28,7 @@ import pytest
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import find_free_port
 from llama3_ops.remote.procs import stop_process
-from llama3_ops.remote.services import SSHRemote
+from llama3_ops.remote.transport import SSHRemote
 from llama3_ops.stages import client as chat_client
 
 VENV_BIN = str(Path(sys.executable).parent)

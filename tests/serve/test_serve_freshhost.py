@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hostlab import Provisioned
-from llama3_ops.remote import services, tunnel
+from llama3_ops.remote import services, transport, tunnel
 from llama3_ops.remote.ports import find_free_port, is_port_free, port_accepts
 from llama3_ops.remote.tunnel import OpenSSHTunnel, TunnelSpec
 from llama3_ops.stages import serve as srv
@@ -43,7 +43,7 @@ def _post(url: str, body: dict[str, object]) -> bytes:
 
 
 def test_serve_as_systemd_unit_and_chat_through_the_tunnel(provisioned: Provisioned, tmp_path: Path) -> None:
-    remote = services.SSHRemote(provisioned.target)
+    remote = transport.SSHRemote(provisioned.target)
     result = srv.serve(remote, CFG, timeout=300)
     try:
         assert result.status.mode == "systemd", "a host with systemd gets a supervised user unit"
@@ -104,7 +104,7 @@ def test_fab_serve_detached_status_and_down(provisioned: Provisioned, tmp_path: 
 def test_tunnel_heals_after_ssh_kill_and_network_outage(provisioned: Provisioned) -> None:
     """Real network between this machine and a fresh host: kill the tunnel's ssh mid-stream, then
     drop every packet to the host for 8 s (longer than keepalive 2 s x 2), and time the way back."""
-    remote = services.SSHRemote(provisioned.target)
+    remote = transport.SSHRemote(provisioned.target)
     result = srv.serve(remote, CFG, timeout=300)
     assert result.ready is not None
     model_id = result.ready.model_id

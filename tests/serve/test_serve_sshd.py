@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops.remote import health, services, tunnel
+from llama3_ops.remote import health, services, transport, tunnel
 from llama3_ops.remote.connection import HostKeyMismatchError
 from llama3_ops.remote.ports import find_free_port, listening_pids, port_accepts
 from llama3_ops.remote.tunnel import OpenSSHTunnel, ParamikoTunnel, TunnelSpec
@@ -207,7 +207,7 @@ def test_wrong_host_key_is_refused(ssh_target: SSHHost, served: Served, tmp_path
     bad.write_text(f"[127.0.0.1]:{ssh_target.target.port} {kind} {key}\n")
     target = replace(ssh_target.target, known_hosts=bad)
     with pytest.raises(HostKeyMismatchError, match="does not match known_hosts"):
-        services.SSHRemote(target).run("true")
+        transport.SSHRemote(target).run("true")
     local = find_free_port(27900 + os.getpid() % 50)
     for impl in ("openssh", "paramiko"):
         spec = TunnelSpec(target=target, remote_port=served.cfg.port, local_port=local, impl=impl)  # type: ignore[arg-type]
@@ -220,7 +220,7 @@ def test_wrong_host_key_is_refused(ssh_target: SSHHost, served: Served, tmp_path
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     with pytest.raises(HostKeyMismatchError, match="not in known_hosts"):
-        services.SSHRemote(replace(target, known_hosts=empty)).run("true")
+        transport.SSHRemote(replace(target, known_hosts=empty)).run("true")
     assert empty.read_text() == ""
 
 

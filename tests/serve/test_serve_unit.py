@@ -13,7 +13,8 @@ import pytest
 from llama3_ops.remote import services
 from llama3_ops.remote.connection import HostKeyMismatchError, SSHTarget, classify_ssh_failure
 from llama3_ops.remote.ports import find_free_port, is_port_free, listening_pids
-from llama3_ops.remote.services import LocalRemote, Secret, ServiceSpec
+from llama3_ops.remote.services import Secret, ServiceSpec
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages.serve import ServeConfig, ServeConfigError, build_spec, display_command, resolve_model
 
 HOME = "/home/u"

@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from hostlab import MODEL_DIR, Provisioned
-from llama3_ops.remote import services, tunnel
+from llama3_ops.remote import services, transport, tunnel
 from llama3_ops.remote.files import put_package_file
 from llama3_ops.remote.ports import find_free_port
 from llama3_ops.stages import agent as ag
@@ -43,7 +43,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 def test_agent_page_loads_says_arxiv_is_unreachable_and_answers(
     provisioned: Provisioned, state_dir: Path, tmp_path: Path
 ) -> None:
-    remote = services.SSHRemote(provisioned.target)
+    remote = transport.SSHRemote(provisioned.target)
     buf = io.StringIO()
     con = Console(file=buf, width=400, force_terminal=False, color_system=None)
     cfg = ag.agent_config(max_turn=1, max_new_tokens=8, env=DEAD_PROXY)
@@ -93,8 +93,8 @@ print("@@" + json.dumps(out))
 def test_agent_app_in_the_hosts_env_with_apptest(provisioned: Provisioned) -> None:
     """The app under AppTest in the host's own llama3 env (lagent isn't in the test venv): two ReAct
     turns, each prompt the tokenizer's Llama 3 chat template of lagent's ReAct messages."""
-    remote = services.SSHRemote(provisioned.target)
-    home = services.remote_home(remote)
+    remote = transport.SSHRemote(provisioned.target)
+    home = transport.remote_home(remote)
     for name in ag.AGENT_APP.files:  # laid out as fab agent uploads them
         put_package_file(remote, wd.PACKAGE, name, f"~/apptest-agent/{Path(name).name}")
     script = f"{home}/apptest-agent/{Path(ag.AGENT_APP.files[0]).name}"

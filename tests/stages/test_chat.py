@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llama3_ops.remote.connection import SSHTarget
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import chat
 from llama3_ops.stages.lm_models import HostModel, LmdeployEnv, ModelError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import finetune
 from llama3_ops.stages.finetune import FinetuneError
 

@@ -22,7 +22,7 @@ import pytest
 from rich.console import Console
 
 from hostlab import Provisioned
-from llama3_ops.remote import services, tunnel
+from llama3_ops.remote import transport, tunnel
 from llama3_ops.remote.ports import find_free_port
 from llama3_ops.stages import agent_finetune, finetune
 from llama3_ops.stages import serve as srv
@@ -66,7 +66,7 @@ def _post(url: str, body: dict[str, object]) -> dict[str, object]:
 
 
 def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provisioned, tmp_path: Path) -> None:
-    remote = services.SSHRemote(provisioned.target)
+    remote = transport.SSHRemote(provisioned.target)
     timings: dict[str, float] = {}
 
     # A missing base model: one clear message, nothing started.
@@ -168,7 +168,7 @@ def test_finetune_killed_resumed_converted_merged_and_served(provisioned: Provis
 
 
 def test_agent_finetune_converts_agent_flan_and_trains(provisioned: Provisioned, tmp_path: Path) -> None:
-    remote = services.SSHRemote(provisioned.target)
+    remote = transport.SSHRemote(provisioned.target)
     data = write_agent_flan(tmp_path / "Agent-FLAN" / "data")
     console, out = _console()
     t = time.monotonic()

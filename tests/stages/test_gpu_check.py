@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import gpu
 
 from .lm_support import H100, RTX3060, base_path, smi_dir, write_gpus

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import llava
 from llama3_ops.stages.gpu import GPUCheckError
 from llama3_ops.stages.lm_models import LmdeployEnv

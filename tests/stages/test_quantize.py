@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llama3_ops.lab import checkpoint
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import chat, quantize
 from llama3_ops.stages.lm_files import awq_offline
 from llama3_ops.stages.lm_models import LmdeployEnv, ModelError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama3_ops.remote import services
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import gpu
 from llama3_ops.stages import serve as srv
 

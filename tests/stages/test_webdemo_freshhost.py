@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from hostlab import MODEL_DIR, Provisioned
-from llama3_ops.remote import services, tunnel
+from llama3_ops.remote import services, transport, tunnel
 from llama3_ops.remote.ports import find_free_port, is_port_free
 from llama3_ops.stages import serve as srv
 from llama3_ops.stages import webdemo as wd
@@ -49,8 +49,8 @@ class Out:
 
 
 @pytest.fixture
-def remote(provisioned: Provisioned) -> services.SSHRemote:
-    return services.SSHRemote(provisioned.target)
+def remote(provisioned: Provisioned) -> transport.SSHRemote:
+    return transport.SSHRemote(provisioned.target)
 
 
 @pytest.fixture
@@ -62,14 +62,14 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     tunnel.down()
 
 
-def _stop(remote: services.SSHRemote, name: str, p: Provisioned, port: int) -> None:
+def _stop(remote: transport.SSHRemote, name: str, p: Provisioned, port: int) -> None:
     st = services.stop(remote, name)
     assert not st.running
     assert listeners(p, port) == []
 
 
 def test_webdemo_on_the_host_chats_in_chromium_through_the_tunnel(
-    provisioned: Provisioned, remote: services.SSHRemote, state_dir: Path, tmp_path: Path
+    provisioned: Provisioned, remote: transport.SSHRemote, state_dir: Path, tmp_path: Path
 ) -> None:
     cfg = wd.StreamlitConfig(model="base", max_length=40)
     # The wanted local port is busy: the tunnel takes the next free one and says so.
@@ -115,7 +115,7 @@ def test_webdemo_on_the_host_chats_in_chromium_through_the_tunnel(
 
 
 def test_webdemo_talks_to_the_fab_serve_server(
-    provisioned: Provisioned, remote: services.SSHRemote, state_dir: Path, tmp_path: Path
+    provisioned: Provisioned, remote: transport.SSHRemote, state_dir: Path, tmp_path: Path
 ) -> None:
     serve_cfg = srv.ServeConfig(engine="transformers", model="base", env_bin_dir="~/envs/lmdeploy/bin")
     srv.serve(remote, serve_cfg, timeout=300)
@@ -137,7 +137,7 @@ def test_webdemo_talks_to_the_fab_serve_server(
         srv.stop(remote, "llm")
 
 
-def _nothing_left(remote: services.SSHRemote, p: Provisioned, port: int = 8501) -> None:
+def _nothing_left(remote: transport.SSHRemote, p: Provisioned, port: int = 8501) -> None:
     assert not services.status(remote, "webdemo", log_lines=0).running
     assert listeners(p, port) == []
     assert [s for s in tunnel.tunnel_status() if s.name == "webdemo"] == []
@@ -152,7 +152,7 @@ def _nothing_left(remote: services.SSHRemote, p: Provisioned, port: int = 8501) 
     ],
 )
 def test_missing_model_is_one_clear_message_and_nothing_runs(
-    provisioned: Provisioned, remote: services.SSHRemote, state_dir: Path, model: str, message: str
+    provisioned: Provisioned, remote: transport.SSHRemote, state_dir: Path, model: str, message: str
 ) -> None:
     # The session's host is shared: the fine-tune test may already have merged a model there. Move it
     # aside for this test so "merged" is really missing, and put it back afterwards.
@@ -174,7 +174,7 @@ def test_missing_model_is_one_clear_message_and_nothing_runs(
 
 
 def test_busy_host_port_is_one_clear_message(
-    provisioned: Provisioned, remote: services.SSHRemote, state_dir: Path
+    provisioned: Provisioned, remote: transport.SSHRemote, state_dir: Path
 ) -> None:
     port = 8511
     pid = provisioned.sh(
@@ -203,7 +203,7 @@ def test_busy_host_port_is_one_clear_message(
 
 
 def test_api_backend_without_a_server_is_one_clear_message(
-    provisioned: Provisioned, remote: services.SSHRemote, state_dir: Path
+    provisioned: Provisioned, remote: transport.SSHRemote, state_dir: Path
 ) -> None:
     out = Out()
     rc = wd.webdemo(remote, wd.StreamlitConfig(backend="api", api_port=23399), local_port=find_free_port(18901),

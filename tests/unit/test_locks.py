@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama3_ops.provision.locks import LockError, check_locks, load_env_specs, lock_entries
 from llama3_ops.provision import locks
+from llama3_ops.provision.locks import LockError, check_locks, load_env_specs, lock_entries
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "profiles"

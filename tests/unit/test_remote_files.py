@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from llama3_ops.remote.files import put_text
-from llama3_ops.remote.services import LocalRemote
+from llama3_ops.remote.transport import LocalRemote
 
 
 def test_put_text_creates_parents_mode_and_tilde(tmp_path: Path) -> None:

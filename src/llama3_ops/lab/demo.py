@@ -29,7 +29,7 @@ from llama3_ops.lab.lfsrepo import publish
 from llama3_ops.provision.playbook import ROOT, run_playbook
 from llama3_ops.remote import tunnel
 from llama3_ops.remote.connection import SSHTarget
-from llama3_ops.remote.services import SSHRemote
+from llama3_ops.remote.transport import SSHRemote
 from llama3_ops.stages import serve as srv
 
 FIXTURE = "/srv/llama3-fixtures/Meta-Llama-3-8B-Instruct.git"

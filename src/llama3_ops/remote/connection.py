@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama3_ops.errors import Llama3OpsError
+
 
 @dataclass(frozen=True)
 class SSHTarget:
@@ -188,7 +190,7 @@ def inventory_hostvars(inventory: str | Path, host_name: str) -> dict[str, Any]:
     return dict(hostvars.get(host_name, {}))
 
 
-class SSHError(RuntimeError):
+class SSHError(Llama3OpsError):
     """ssh could not connect or authenticate (rc 255)."""
 
 

@@ -1,11 +1,11 @@
-"""Put files on a host through a :class:`~llama3_ops.remote.services.Remote` (content travels on stdin)."""
+"""Put files on a host through a :class:`~llama3_ops.remote.transport.Remote` (content travels on stdin)."""
 
 from __future__ import annotations
 
 import shlex
 from importlib import resources
 
-from llama3_ops.remote.services import Remote
+from llama3_ops.remote.transport import Remote
 
 
 def put_text(remote: Remote, path: str, text: str, mode: str = "0644", timeout: float = 60.0) -> str:

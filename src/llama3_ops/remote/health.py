@@ -20,7 +20,8 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops.remote.services import Remote, ServiceStatus
+from llama3_ops.remote.services import ServiceStatus
+from llama3_ops.remote.transport import Remote
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ State on the host, under ``~/.local/state/llama3-ops/``::
     run/<name>.pid   wrapper pid = pgid    run/<name>.exit  exit status (or "stopped")
     logs/<name>.log  stdout+stderr (previous run in <name>.log.1)
 
-Every remote call is one ``sh -c`` script with a timeout; secrets travel on stdin only.
+Every remote call goes through :mod:`llama3_ops.remote.transport`; secrets travel on stdin only.
 """
 
 from __future__ import annotations
@@ -25,140 +25,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Literal, Protocol
+from typing import IO, Literal
 
-from llama3_ops.remote.connection import SSHTarget, classify_ssh_failure
+from llama3_ops.errors import Llama3OpsError
+from llama3_ops.remote.transport import Remote, RemoteCommandError, remote_home
 
 STATE_REL = ".local/state/llama3-ops"
 UNIT_PREFIX = "llama3-"
 Mode = Literal["auto", "systemd", "setsid"]
-
-
-# --------------------------------------------------------------------------- remotes
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    rc: int
-    stdout: str
-    stderr: str
-
-
-class RemoteCommandError(RuntimeError):
-    def __init__(self, label: str, script: str, result: CommandResult) -> None:
-        first = script.strip().splitlines()[0] if script.strip() else ""
-        super().__init__(
-            f"command on {label} failed (rc={result.rc}): {first[:120]}\n{result.stderr.strip()[-2000:]}"
-        )
-        self.result = result
-
-
-class Remote(Protocol):
-    """Where services run: a host over SSH, or this machine ("local", for the GPU device run)."""
-
-    label: str
-
-    def run(
-        self, script: str, *, timeout: float = 60.0, check: bool = True, stdin: str | None = None
-    ) -> CommandResult: ...
-
-    def popen(self, script: str, *, stdout: IO[str] | None = None) -> subprocess.Popen[str]: ...
-
-
-class LocalRemote:
-    """Run scripts with ``sh -c`` on this machine."""
-
-    label = "localhost"
-
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self.env = dict(env) if env is not None else None
-
-    def _env(self) -> dict[str, str] | None:
-        if self.env is None:
-            return None
-        return {**os.environ, **self.env}
-
-    def run(
-        self, script: str, *, timeout: float = 60.0, check: bool = True, stdin: str | None = None
-    ) -> CommandResult:
-        proc = subprocess.run(
-            ["sh", "-c", script],
-            input=stdin if stdin is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self._env(),
-            check=False,
-        )
-        res = CommandResult(proc.returncode, proc.stdout, proc.stderr)
-        if check and res.rc != 0:
-            raise RemoteCommandError(self.label, script, res)
-        return res
-
-    def popen(self, script: str, *, stdout: IO[str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            ["sh", "-c", script], stdout=stdout, stdin=subprocess.DEVNULL, text=True, env=self._env()
-        )
-
-
-class SSHRemote:
-    """Run scripts on an :class:`SSHTarget` with the system ``ssh`` (strict host keys, BatchMode)."""
-
-    def __init__(self, target: SSHTarget, connect_timeout: int = 10) -> None:
-        self.target = target
-        self.label = target.label
-        self.connect_timeout = connect_timeout
-
-    def argv(self, script: str) -> list[str]:
-        return [
-            "ssh",
-            *self.target.ssh_options(),
-            "-o",
-            f"ConnectTimeout={self.connect_timeout}",
-            "-o",
-            "ServerAliveInterval=5",
-            "-o",
-            "ServerAliveCountMax=3",
-            "-T",
-            self.target.destination,
-            "sh -c " + shlex.quote(script),
-        ]
-
-    def run(
-        self, script: str, *, timeout: float = 60.0, check: bool = True, stdin: str | None = None
-    ) -> CommandResult:
-        proc = subprocess.run(
-            self.argv(script),
-            input=stdin if stdin is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        res = CommandResult(proc.returncode, proc.stdout, proc.stderr)
-        if res.rc == 255:
-            raise classify_ssh_failure(self.target, proc.stderr)
-        if check and res.rc != 0:
-            raise RemoteCommandError(self.label, script, res)
-        return res
-
-    def popen(self, script: str, *, stdout: IO[str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(script), stdout=stdout, stdin=subprocess.DEVNULL, text=True)
-
-
-def remote_home(remote: Remote) -> str:
-    return remote.run('printf %s "$HOME"', timeout=30).stdout.strip()
-
-
-def path_exists(remote: Remote, path: str) -> bool:
-    return remote.run(f"test -e {shlex.quote(path)}", timeout=30, check=False).rc == 0
 
 
 # --------------------------------------------------------------------------- service spec
@@ -260,7 +140,7 @@ class ServiceStatus:
         return self.state == "running"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(Llama3OpsError):
     def __init__(self, message: str, log_tail: Sequence[str] = ()) -> None:
         tail = "\n".join(f"    {line}" for line in log_tail)
         super().__init__(message + (f"\n  last log lines:\n{tail}" if log_tail else ""))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from llama3_ops.remote import services
+from llama3_ops.remote import transport
 from llama3_ops.stages.webdemo import StageError, StreamlitApp, StreamlitConfig, run_stage
 
 DEFAULT_PORT = 8502
@@ -54,7 +54,7 @@ def agent_config(
 
 
 def agent(
-    remote: services.SSHRemote,
+    remote: transport.SSHRemote,
     cfg: StreamlitConfig,
     *,
     local_port: int = DEFAULT_PORT,

@@ -34,7 +34,8 @@ from rich.console import Console
 
 from llama3_ops.remote import services
 from llama3_ops.remote.files import put_text
-from llama3_ops.remote.services import Remote, ServiceSpec
+from llama3_ops.remote.services import ServiceSpec
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import finetune_log
 from llama3_ops.stages.finetune import (
     Device,

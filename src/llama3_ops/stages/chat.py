@@ -34,9 +34,9 @@ from typing import Any, Literal
 from rich.console import Console
 
 from llama3_ops.remote import files as remote_files
-from llama3_ops.remote import services
+from llama3_ops.remote import transport
 from llama3_ops.remote.connection import SSHTarget
-from llama3_ops.remote.services import Remote
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
 
@@ -151,7 +151,7 @@ class Prepared:
 def prepare(remote: Remote, cfg: ChatConfig, console: Console | None = None) -> Prepared:
     """Preflight (model, env, GPU memory) and upload the session script; nothing is started."""
     cfg.validate()
-    home = services.remote_home(remote)
+    home = transport.remote_home(remote)
     model = check_model(remote, cfg.model, home)
     env = probe_env(remote, cfg.env_bin_dir, home)
     dev = gpu.check_stage(remote, cfg.stage, cfg.gpu_index) if cfg.check_gpu else None
@@ -200,7 +200,7 @@ def read_report(remote: Remote, report: str) -> MemoryReport:
                         str(data.get("note", "")))
 
 
-def run_interactive(remote: services.SSHRemote, cfg: ChatConfig, console: Console | None = None) -> int:
+def run_interactive(remote: transport.SSHRemote, cfg: ChatConfig, console: Console | None = None) -> int:
     """The chat in this terminal over ``ssh -t``; prints the GPU memory report after it; returns its exit code."""
     console = console or Console(stderr=True)
     prep = prepare(remote, cfg, console)
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                      session_len=args.session_len, env_bin_dir=args.env_bin_dir,
                      env=dict(e.split("=", 1) for e in args.env), check_gpu=not args.no_gpu_check)
     try:
-        res = run_batch(services.LocalRemote(), cfg, args.question or ["Hello, who are you?"], timeout=args.timeout,
+        res = run_batch(transport.LocalRemote(), cfg, args.question or ["Hello, who are you?"], timeout=args.timeout,
                         console=con)
     except (ChatConfigError, ModelError, gpu.GPUCheckError) as exc:
         con.print(f"error: {exc}", style="red", markup=False, highlight=False)

@@ -51,9 +51,10 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops.remote import services
+from llama3_ops.remote import services, transport
 from llama3_ops.remote.files import put_text
-from llama3_ops.remote.services import Remote, ServiceSpec, ServiceStatus
+from llama3_ops.remote.services import ServiceSpec, ServiceStatus
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import finetune_log
 from llama3_ops.stages.finetune_config import (
     AGENT_FLAN,
@@ -641,7 +642,7 @@ def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResul
 
 def merged_ready(remote: Remote, path: str = MODELS["merged"]) -> dict[str, Any] | None:
     """The ready marker of a merged model (``None``: absent, or not marked ready)."""
-    home = services.remote_home(remote)
+    home = transport.remote_home(remote)
     full = home.rstrip("/") + path[1:] if path.startswith("~/") else path
     return read_json(remote, f"{full}/{READY_MARKER}")
 
@@ -728,7 +729,7 @@ def local_main(json_path: str | None, call: Callable[[Remote, Console], Finetune
     (or the error) as JSON in ``json_path``."""
     con = Console(stderr=True)
     try:
-        res = call(services.LocalRemote(), con)
+        res = call(transport.LocalRemote(), con)
         out: dict[str, Any] = {**asdict(res), "params": asdict(res.params), "params_text": _detail_params(res.params)}
         rc = 0
     except FinetuneError as exc:

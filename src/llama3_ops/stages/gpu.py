@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from llama3_ops.remote.services import Remote
+from llama3_ops.remote.transport import Remote
 
 QUERY_FIELDS = ("index", "name", "memory.total", "memory.used")
 MIB_PER_GIB = 1024.0

@@ -43,8 +43,8 @@ from typing import Any, Literal, get_args
 from rich.console import Console
 
 from llama3_ops.remote import files as remote_files
-from llama3_ops.remote import services
-from llama3_ops.remote.services import Remote
+from llama3_ops.remote import transport
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
 
@@ -223,7 +223,7 @@ def prepare(remote: Remote, cfg: LlavaConfig, console: Console | None = None, dr
         if "://" in cfg.image:
             raise LlavaError(f"{cfg.image}: only http(s) URLs or local files")
         local = read_local_image(Path(cfg.image).expanduser())
-    home = services.remote_home(remote)
+    home = transport.remote_home(remote)
     try:
         model = check_model(remote, cfg.model, home)
     except ModelError as exc:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                       env=dict(e.split("=", 1) for e in args.env), log_level=args.log_level)
     t0 = time.monotonic()
     try:
-        res = describe(services.LocalRemote(), cfg, console=con)
+        res = describe(transport.LocalRemote(), cfg, console=con)
     except (LlavaError, ModelError, gpu.GPUCheckError) as exc:
         con.print(f"error: {exc}", style="red", markup=False, highlight=False)
         if args.json:

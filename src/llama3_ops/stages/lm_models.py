@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from llama3_ops.remote.services import Remote
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import serve
 
 STAGE_FILES_DIR = "~/.local/share/llama3-ops/stages"  # host-side scripts are uploaded here

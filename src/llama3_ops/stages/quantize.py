@@ -42,8 +42,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from llama3_ops.remote import files as remote_files
-from llama3_ops.remote import services
-from llama3_ops.remote.services import Remote, ServiceSpec
+from llama3_ops.remote import services, transport
+from llama3_ops.remote.services import ServiceSpec
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.lm_models import AWQ_MARKER, STAGE_FILES_DIR, LmdeployEnv, check_model, expand, probe_env
 
@@ -183,7 +184,7 @@ def _read_marker(remote: Remote, out: str) -> dict[str, Any] | None:
 def plan(remote: Remote, cfg: QuantizeConfig, console: Console | None = None) -> Plan:
     """Preflight (model, env, version rules, GPU memory, disk) and the service to run."""
     cfg.validate()
-    home = services.remote_home(remote)
+    home = transport.remote_home(remote)
     model = check_model(remote, cfg.model, home)
     if model.quantization:
         raise QuantizeError(f"{model.path} is already quantized ({model.quantization.get('quant_method')})")
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama3_ops.stages.lm_models import ModelError
 
     try:
-        res = quantize(services.LocalRemote(), cfg, console=con, timeout=a.timeout)
+        res = quantize(transport.LocalRemote(), cfg, console=con, timeout=a.timeout)
     except (QuantizeError, ModelError, gpu.GPUCheckError, services.ServiceError) as exc:
         con.print(f"error: {exc}", style="red", markup=False, highlight=False)
         return 1

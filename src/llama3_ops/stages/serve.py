@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from llama3_ops.remote import health, services
+from llama3_ops.remote import health, services, transport
 from llama3_ops.remote.connection import SSHError, SSHTarget
 from llama3_ops.remote.ports import DEFAULT_PORT
-from llama3_ops.remote.services import Arg, Remote, Secret, ServiceSpec, ServiceStatus
+from llama3_ops.remote.services import Arg, Secret, ServiceSpec, ServiceStatus
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 
 MODELS: dict[str, str] = {
@@ -206,7 +207,7 @@ def serve(
     :class:`health.NotReadyError` is raised with the last log lines.
     """
     console = console or Console(stderr=True)
-    home = services.remote_home(remote)
+    home = transport.remote_home(remote)
     spec = build_spec(cfg, home)
     check_host(remote, spec, cfg)
     current = services.status(remote, cfg.name, log_lines=0)
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("-f", action="store_true")
     args = p.parse_args(argv)
     con = Console(stderr=True)
-    remote: Remote = services.LocalRemote() if args.local else services.SSHRemote(target_from_args(args))
+    remote: Remote = transport.LocalRemote() if args.local else transport.SSHRemote(target_from_args(args))
     try:
         if args.cmd == "up":
             cfg = ServeConfig(

@@ -31,11 +31,12 @@ from typing import Literal
 
 from rich.console import Console
 
-from llama3_ops.remote import health, services, tunnel
+from llama3_ops.remote import health, services, transport, tunnel
 from llama3_ops.remote.connection import SSHError, SSHTarget
 from llama3_ops.remote.files import put_package_file
 from llama3_ops.remote.ports import NoFreePortError
-from llama3_ops.remote.services import Remote, ServiceSpec, ServiceStatus
+from llama3_ops.remote.services import ServiceSpec, ServiceStatus
+from llama3_ops.remote.transport import Remote
 from llama3_ops.stages.serve import API_KEY_ENV, MODELS, resolve_model
 
 PACKAGE = "llama3_ops.stages"
@@ -291,7 +292,7 @@ def start_app(
 ) -> AppResult:
     """Check, upload, start (or reuse) and wait for the app; a failed start leaves nothing running."""
     console = console or Console(stderr=True)
-    home = services.remote_home(remote)
+    home = transport.remote_home(remote)
     spec = build_spec(app, cfg, home)
     with console.status(f"checking {remote.label}: model, env, ports"):
         check_host(remote, app, cfg, spec, home)
@@ -337,7 +338,7 @@ ERRORS: tuple[type[BaseException], ...] = (
     NoFreePortError,
     subprocess.TimeoutExpired,
     services.ServiceError,
-    services.RemoteCommandError,
+    transport.RemoteCommandError,
     health.NotReadyError,
     tunnel.TunnelError,
     SSHError,
@@ -384,7 +385,7 @@ def open_tunnel(
 
 
 def run_stage(
-    remote: services.SSHRemote,
+    remote: transport.SSHRemote,
     app: StreamlitApp,
     cfg: StreamlitConfig,
     *,
@@ -406,7 +407,7 @@ def run_stage(
 
 
 def webdemo(
-    remote: services.SSHRemote,
+    remote: transport.SSHRemote,
     cfg: StreamlitConfig,
     *,
     local_port: int = 8501,
