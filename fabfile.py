@@ -58,11 +58,11 @@ def provision(c: Connection, profile: str = "", check: bool = False) -> None:
 def serve(c: Connection, model: str = "base", engine: str = "lmdeploy", backend: str = "turbomind", tp: int = 1,
           cache_max_entry_count: float = 0.5, quant_policy: int = 0, max_batch_size: int = 64,
           session_len: int = 8192, port: int = 23333, local_port: int = 23333, expose: bool = False,
-          env: str = "~/envs/lmdeploy/bin", restart: bool = False, detach: bool = False) -> None:
+          env: str = "", restart: bool = False, detach: bool = False) -> None:
     """Start (or reuse) the model server on the host and open the SSH tunnel to it."""
     remote = _remote(c)
     cfg = srv.ServeConfig(engine=engine, model=model, port=port, expose=expose,  # type: ignore[arg-type]
-                          api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env, backend=backend,  # type: ignore[arg-type]
+                          api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, backend=backend,  # type: ignore[arg-type]
                           tp=tp, cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,  # type: ignore[arg-type]
                           max_batch_size=max_batch_size, session_len=session_len)
     try:
@@ -126,11 +126,11 @@ def down(c: Connection) -> None:
             "cache_max_entry_count": "KV cache share of free GPU memory (course: 0.5, then 0.01)",
             "env": "bin directory of the host's lmdeploy env"})
 def chat(c: Connection, model: str = "base", backend: str = "turbomind", cache_max_entry_count: float = 0.0,
-         session_len: int = 0, env: str = "~/envs/lmdeploy/bin") -> None:
+         session_len: int = 0, env: str = "") -> None:
     """lmdeploy chat on the host in this terminal; then the GPU memory it held (as the course's nvidia-smi)."""
     cfg = chat_stage.ChatConfig(model=model, backend=backend,  # type: ignore[arg-type]
                                 cache_max_entry_count=cache_max_entry_count or None,
-                                session_len=session_len or None, env_bin_dir=env)
+                                session_len=session_len or None, env_bin_dir=env or None)
     try:
         sys.exit(chat_stage.run_interactive(_remote(c), cfg, console=console))
     except (chat_stage.ChatConfigError, ModelError, GPUCheckError) as exc:
@@ -144,13 +144,13 @@ def chat(c: Connection, model: str = "base", backend: str = "turbomind", cache_m
             "force": "quantize again over a finished result", "restart": "replace a running quantization"})
 def quantize(c: Connection, model: str = "base", out: str = "", calib_file: str = "", calib_dataset: str = "",
              calib_samples: int = 128, calib_seqlen: int = 1024, w_group_size: int = 128, batch_size: int = 1,
-             env: str = "~/envs/lmdeploy/bin", force: bool = False, restart: bool = False) -> None:
+             env: str = "", force: bool = False, restart: bool = False) -> None:
     """W4A16 AWQ (lmdeploy auto_awq, offline calibration) into <model>_4bit; then chat/serve --model 4bit."""
     cfg = quantize_stage.QuantizeConfig(model=model, out=out or None,
                                         calib_file=Path(calib_file) if calib_file else None,
                                         calib_dataset=calib_dataset or None, calib_samples=calib_samples,
                                         calib_seqlen=calib_seqlen, w_group_size=w_group_size,
-                                        batch_size=batch_size, env_bin_dir=env, force=force)
+                                        batch_size=batch_size, env_bin_dir=env or None, force=force)
     try:
         quantize_stage.quantize(_remote(c), cfg, console=console, restart=restart)
     except (quantize_stage.QuantizeError, ModelError, GPUCheckError, services.ServiceError) as exc:
@@ -163,11 +163,11 @@ def quantize(c: Connection, model: str = "base", out: str = "", calib_file: str 
 @task(help={"image": "a local image file (uploaded) or an http(s) URL",
             "model": "LLaVA-Llama-3 on the host", "install_llava": "pip install --no-deps the LLaVA repo first"})
 def llava(c: Connection, image: str, prompt: str = "Describe this image.", model: str = llava_stage.DEFAULT_MODEL,
-          backend: str = "turbomind", env: str = "~/envs/lmdeploy/bin", install_llava: bool = False,
+          backend: str = "turbomind", env: str = "", install_llava: bool = False,
           llava_ref: str = "") -> None:
     """Describe an image with LLaVA-Llama-3 through lmdeploy's pipeline on the host."""
     cfg = llava_stage.LlavaConfig(image=image, prompt=prompt, model=model, backend=backend,  # type: ignore[arg-type]
-                                  env_bin_dir=env, install_llava=install_llava, llava_ref=llava_ref)
+                                  env_bin_dir=env or None, install_llava=install_llava, llava_ref=llava_ref)
     try:
         result = llava_stage.describe(_remote(c), cfg, console=console)
     except (llava_stage.LlavaError, ModelError, GPUCheckError) as exc:
@@ -181,11 +181,11 @@ def llava(c: Connection, image: str, prompt: str = "Describe this image.", model
             "local_port": "local end of the tunnel (the next free port when busy)",
             "detach": "leave a background tunnel and return", "restart": "replace a web demo with other settings"})
 def webdemo(c: Connection, model: str = "base", backend: str = "local", port: int = 8501, local_port: int = 8501,
-            api_port: int = 23333, max_length: int = 8192, env: str = "~/envs/llama3/bin", restart: bool = False,
+            api_port: int = 23333, max_length: int = 8192, env: str = "", restart: bool = False,
             detach: bool = False) -> None:
     """The course's Streamlit chat on the host (supervised), tunnelled to local 8501 or the next free port."""
     cfg = webdemo_stage.StreamlitConfig(model=model, backend=backend, port=port, api_port=api_port,  # type: ignore[arg-type]
-                                        api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env,
+                                        api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None,
                                         max_length=max_length)
     sys.exit(webdemo_stage.webdemo(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
                                    host=c.original_host or c.host, console=console))
@@ -196,12 +196,12 @@ def webdemo(c: Connection, model: str = "base", backend: str = "local", port: in
             "max_new_tokens": "tokens per step (the slider's start value)",
             "detach": "leave a background tunnel and return", "restart": "replace an agent demo with other settings"})
 def agent(c: Connection, model: str = "base", backend: str = "local", port: int = 8502, local_port: int = 8502,
-          api_port: int = 23333, max_turn: int = 4, max_new_tokens: int = 512, env: str = "~/envs/llama3/bin",
+          api_port: int = 23333, max_turn: int = 4, max_new_tokens: int = 512, env: str = "",
           restart: bool = False, detach: bool = False) -> None:
     """The course's Lagent ReAct web demo (ArxivSearch + FinishAction), tunnelled to local 8502 or the next free."""
     try:
         cfg = agent_stage.agent_config(model, backend, port=port, api_port=api_port,
-                                       api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env, max_turn=max_turn,
+                                       api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, max_turn=max_turn,
                                        max_new_tokens=max_new_tokens)
     except webdemo_stage.StageError as exc:
         console.print(f"[red]error:[/] {exc}")

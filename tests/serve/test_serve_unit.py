@@ -15,9 +15,16 @@ from llama3_ops.remote.connection import HostKeyMismatchError, SSHTarget, classi
 from llama3_ops.remote.ports import find_free_port, is_port_free, listening_pids
 from llama3_ops.remote.services import Secret, ServiceSpec
 from llama3_ops.remote.transport import LocalRemote
-from llama3_ops.stages.serve import ServeConfig, ServeConfigError, build_spec, display_command, resolve_model
+from llama3_ops.stages.host import Host
+from llama3_ops.stages.serve import ServeConfig, ServeConfigError, build_spec
 
-HOME = "/home/u"
+# A cpu-profile host (venvs under ~/envs) and a course-profile host (conda envs under ~/miniforge3/envs).
+HOME = Host(label="h", home="/home/u", profile="cpu", user="u", course_dir="/home/u/llama3-course",
+            model_dir="/home/u/model/Meta-Llama-3-8B-Instruct", model_stamp="/home/u/model/.stamp",
+            envs={"lmdeploy": "/home/u/envs/lmdeploy/bin", "llama3": "/home/u/envs/llama3/bin"})
+COURSE = Host(label="c", home="/root", profile="course", user="root", course_dir="/root/llama3-course",
+              model_dir="/root/autodl-tmp/model/Meta-Llama-3-8B-Instruct", model_stamp="/root/autodl-tmp/model/.s",
+              envs={"lmdeploy": "/root/miniforge3/envs/lmdeploy/bin", "llama3": "/root/miniforge3/envs/llama3/bin"})
 
 
 def test_lmdeploy_command_defaults_to_loopback() -> None:
@@ -48,9 +55,20 @@ def test_4bit_model_gets_awq_and_paths_map() -> None:
     argv = [str(a) for a in build_spec(ServeConfig(model="4bit"), HOME).argv]
     assert argv[3] == "/home/u/model/Meta-Llama-3-8B-Instruct_4bit"
     assert argv[argv.index("--model-format") + 1] == "awq"
-    assert resolve_model("merged", HOME) == ("/home/u/model/llama3_hf_merged", None)
-    assert resolve_model("~/x", HOME) == ("/home/u/x", None)
-    assert resolve_model("/abs/m", HOME) == ("/abs/m", None)
+    assert HOME.model("merged") == ("/home/u/model/llama3_hf_merged", None)
+    assert HOME.model("~/x") == ("/home/u/x", None)
+    assert HOME.model("/abs/m") == ("/abs/m", None)
+
+
+def test_a_course_host_serves_from_its_conda_env_and_its_model_dir() -> None:
+    argv = [str(a) for a in build_spec(ServeConfig(), COURSE).argv]
+    assert argv[:4] == ["/root/miniforge3/envs/lmdeploy/bin/lmdeploy", "serve", "api_server",
+                        "/root/autodl-tmp/model/Meta-Llama-3-8B-Instruct"]
+    assert build_spec(ServeConfig(), COURSE).env["PATH"].startswith("/root/miniforge3/envs/lmdeploy/bin:")
+    assert [str(a) for a in build_spec(ServeConfig(model="merged"), COURSE).argv][3] == \
+        "/root/autodl-tmp/model/llama3_hf_merged"
+    # --env still wins
+    assert str(build_spec(ServeConfig(env_bin_dir="~/other/bin"), COURSE).argv[0]) == "/root/other/bin/lmdeploy"
 
 
 def test_expose_requires_api_key() -> None:
@@ -68,7 +86,6 @@ def test_api_key_is_masked_everywhere_and_kept_in_a_0600_env_file(tmp_path: Path
     assert argv[argv.index("--server-name") + 1] == "0.0.0.0"
     assert argv[argv.index("--api-keys") + 1] == "***"
     assert key not in spec.display() and "'***'" in spec.display()
-    assert key not in display_command(cfg)
     assert key not in spec.launcher() and '"$LLAMA3_OPS_API_KEY"' in spec.launcher()
     assert key in spec.env_file()
     # start it for real (locally), with an argv that echoes the key: the env file is 0600 and the
@@ -93,7 +110,8 @@ def test_api_key_is_masked_everywhere_and_kept_in_a_0600_env_file(tmp_path: Path
         assert f"got {len(key)} chars" in log
         assert key not in log and "***" in log
         assert key not in (home / ".local/state/llama3-ops/run/masked.json").read_text()
-        assert key not in (home / ".local/state/llama3-ops/run/masked.sh").read_text()
+        for name in ("masked.sh", "masked.fp"):
+            assert key not in (home / ".local/state/llama3-ops/run" / name).read_text()
     finally:
         services.stop(remote, "masked")
 
@@ -112,7 +130,6 @@ def test_fingerprint_changes_with_settings_and_secret() -> None:
     assert a.fingerprint() == build_spec(ServeConfig(expose=True, api_key="k1"), HOME).fingerprint()
     assert a.fingerprint() != build_spec(ServeConfig(expose=True, api_key="k2"), HOME).fingerprint()
     assert a.fingerprint() != build_spec(ServeConfig(expose=True, api_key="k1", tp=2), HOME).fingerprint()
-    assert "k1" not in a.fingerprint()
 
 
 def test_service_reuse_refuse_restart_and_stop(tmp_path: Path) -> None:
@@ -241,7 +258,7 @@ def test_status_survives_a_log_without_final_newline(tmp_path: Path) -> None:
     (run_dir / "llm.mode").write_text("setsid\n")
     (run_dir / "llm.pid").write_text("999999\n")
     (log_dir / "llm.log").write_text("loading\rWarming up decoding: 100%|##########| 10/10")
-    st = svc.status(svc.LocalRemote(env={"HOME": str(tmp_path)}), "llm", log_lines=5)
+    st = svc.status(LocalRemote(env={"HOME": str(tmp_path)}), "llm", log_lines=5)
     assert st.state == "dead"
     assert st.log_tail[-1].endswith("10/10")
 

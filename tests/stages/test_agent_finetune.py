@@ -60,7 +60,7 @@ def test_job_is_the_course_agent_flan_stage() -> None:
     assert (job.params.lora_r, job.params.max_length) == (64, 4096)
     assert job.params.quantization == "nf4" and job.params.max_epochs == 3
     assert job.dataset_format == "disk" and job.dataset_map_fn == "openai_map_fn"
-    assert job.merged == "~/model/llama3_agent_flan_merged"
+    assert job.merged_name == "llama3_agent_flan_merged"
     assert job.evaluation_inputs == ("Please help me search the InternLM2 Technical Report.",)
 
 

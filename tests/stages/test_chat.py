@@ -24,7 +24,16 @@ from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import chat
 from llama3_ops.stages.lm_models import HostModel, LmdeployEnv, ModelError
 
-from .lm_support import ENGINE_MIB, H100, RTX3060, base_path, fake_env, parse_with_lmdeploy, write_gpus
+from .lm_support import (
+    ENGINE_MIB,
+    H100,
+    RTX3060,
+    base_path,
+    env_bin,
+    fake_host,
+    parse_with_lmdeploy,
+    write_gpus,
+)
 
 try:  # the loopback sshd of the serve tests (a throwaway user, strict host keys)
     from serve.conftest import SSHHost, sshd_host
@@ -113,9 +122,9 @@ def test_pty_argv_uses_strict_host_keys() -> None:
 
 
 def _host(tmp_path: Path, gpus: list[dict[str, object]] | None = None,
-          version: str = "0.18.0") -> tuple[LocalRemote, Path]:
+          version: str = "0.18.0", layout: str = "venv") -> tuple[LocalRemote, Path]:
     home = tmp_path / "home"
-    bin_dir = fake_env(home / "envs" / "lmdeploy" / "bin", version=version, gpus=gpus)
+    bin_dir = fake_host(home, layout, version=version, gpus=gpus)
     remote = LocalRemote(env={"HOME": str(home), "PATH": f"{bin_dir}:{base_path()}"})
     return remote, home
 
@@ -155,8 +164,8 @@ def test_missing_models_name_the_stage_that_makes_them(tmp_path: Path, tiny_mode
 def test_missing_env_and_small_gpu(tmp_path: Path, tiny_model: Path) -> None:
     remote, home = _host(tmp_path, gpus=[dict(RTX3060)])
     _model(home, tiny_model)
-    with pytest.raises(ModelError, match=r"no lmdeploy environment at .*/nowhere/bin on localhost: .*/python does not "
-                                         r"exist\. Provision the host"):
+    with pytest.raises(ModelError, match=r"no lmdeploy environment at .*/nowhere/bin \(--env\) on localhost: "
+                                         r".*/python does not exist\. Provision the host"):
         chat.prepare(remote, chat.ChatConfig(env_bin_dir="~/nowhere/bin"))
     from llama3_ops.stages.gpu import GPUCheckError
 
@@ -167,8 +176,10 @@ def test_missing_env_and_small_gpu(tmp_path: Path, tiny_model: Path) -> None:
     assert prep.argv[-2:] == ["--model-format", "awq"] and prep.env.version == "0.18.0"
 
 
-def test_batch_session_reports_gpu_memory(tmp_path: Path, tiny_model: Path) -> None:
-    remote, home = _host(tmp_path)
+@pytest.mark.parametrize("layout", ["venv", "conda"])
+def test_batch_session_reports_gpu_memory(tmp_path: Path, tiny_model: Path, layout: str) -> None:
+    """The default paths: host.json names the env (a conda env on a course-profile host), no --env."""
+    remote, home = _host(tmp_path, layout=layout)
     _model(home, tiny_model)
     res = chat.run_batch(remote, chat.ChatConfig(cache_max_entry_count=0.01), ["What is 2+2?", "two\nlines"],
                          timeout=60)
@@ -185,6 +196,7 @@ def test_batch_session_reports_gpu_memory(tmp_path: Path, tiny_model: Path) -> N
     line = res.memory.lines("chat")[0]
     assert line.startswith(f"GPU 0 ({H100['name']}): {ENGINE_MIB} MiB of 81559 MiB in use at the peak (+{ENGINE_MIB}")
     assert "the course saw 16176 MiB" in line
+    assert res.command.split(" -- ")[0].endswith(str(env_bin(home, "lmdeploy", layout)))
     # the report file is where the session said, and the poller is gone
     assert not list((home / ".local/state/llama3-ops/chat").glob("*.samples"))
 
@@ -259,10 +271,10 @@ def ssh_chat_host(sshd_host: SSHHost, tiny_model: Path) -> SSHHost:
     home = Path(sshd_host.home)
     for d in ("envs/lmdeploy", "envs/fake-site", "model/Meta-Llama-3-8B-Instruct_4bit"):
         shutil.rmtree(home / d, ignore_errors=True)
-    fake_env(home / "envs" / "lmdeploy" / "bin", version="0.4.1")
+    fake_host(home, version="0.4.1")
     _model(home, tiny_model, "Meta-Llama-3-8B-Instruct_4bit", quant=True)
     subprocess.run(["chown", "-R", f"{sshd_host.target.user}:{sshd_host.target.user}", str(home / "envs"),
-                    str(home / "model")], check=True)
+                    str(home / "model"), str(home / "llama3-course")], check=True)
     return sshd_host
 
 
@@ -355,7 +367,7 @@ def test_run_interactive_prints_the_memory_report_after_the_session(ssh_chat_hos
     code = (
         "import json, sys\n"
         "from llama3_ops.remote.connection import SSHTarget\n"
-        "from llama3_ops.remote.services import SSHRemote\n"
+        "from llama3_ops.remote.transport import SSHRemote\n"
         "from llama3_ops.stages import chat\n"
         "t = SSHTarget.from_dict(json.loads(sys.argv[1]))\n"
         "rc = chat.run_interactive(SSHRemote(t), chat.ChatConfig(cache_max_entry_count=0.01, check_gpu=False))\n"

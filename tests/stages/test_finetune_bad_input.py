@@ -14,20 +14,17 @@ import pytest
 from llama3_ops.remote.transport import LocalRemote
 from llama3_ops.stages import finetune
 from llama3_ops.stages.finetune import FinetuneError
+from llama3_ops.stages.host import HostContractError
 
-from .lm_support import H100, base_path, smi_dir
+from .lm_support import H100, base_path, smi_dir, write_host_json
 
 RTX3070 = {"name": "NVIDIA GeForce RTX 3070", "total": 8192, "used": 0}
 
 
 def host_home(tmp: Path, profile: str) -> Path:
+    """A home as provisioning leaves it: the course profile's conda layout, venvs for the others."""
     home = tmp / "home"
-    course = home / "llama3-course"
-    course.mkdir(parents=True)
-    (course / "host.json").write_text(json.dumps({
-        "profile": profile, "user": "student", "model_dir": f"{home}/model/Meta-Llama-3-8B-Instruct",
-        "envs": {"llama3": f"{home}/envs/llama3/bin"}, "course_dir": str(course), "offline": False,
-    }))
+    write_host_json(home, layout="conda" if profile == "course" else "venv", profile=profile)
     return home
 
 
@@ -37,7 +34,8 @@ def remote(home: Path, smi: Path | None) -> LocalRemote:
 
 def test_unprovisioned_host_is_refused(tmp_path: Path) -> None:
     (tmp_path / "home").mkdir()
-    with pytest.raises(FinetuneError, match=r"no ~/llama3-course/host.json: provision it first"):
+    with pytest.raises(HostContractError, match=r"no ~/llama3-course/host.json: it was not provisioned\. "
+                                                 r"Provision it first: ansible-playbook -i INVENTORY site\.yml"):
         finetune.run_finetune(remote(tmp_path / "home", None), count=5)
 
 

@@ -18,7 +18,7 @@ from llama3_ops.stages import llava
 from llama3_ops.stages.gpu import GPUCheckError
 from llama3_ops.stages.lm_models import LmdeployEnv
 
-from .lm_support import RTX3060, base_path, fake_env, lmdeploy_python
+from .lm_support import RTX3060, base_path, env_bin, fake_host, lmdeploy_python, write_host_json
 
 ENV18 = LmdeployEnv("/e/bin", "0.18.0", "/e/bin/python")
 ENV041 = LmdeployEnv("/e/bin", "0.4.1", "/e/bin/python")
@@ -31,11 +31,19 @@ def _png(path: Path, size: tuple[int, int] = (40, 30)) -> Path:
 
 
 def _host(tmp_path: Path, arch: str | None, version: str = "0.18.0", bin_dir: Path | None = None,
-          gpus: list[dict[str, object]] | None = None) -> tuple[LocalRemote, Path, Path]:
+          gpus: list[dict[str, object]] | None = None, layout: str = "venv") -> tuple[LocalRemote, Path, Path]:
+    """A host as provisioning leaves it (host.json names the env); ``bin_dir``: a real lmdeploy env, placed
+    where ``layout`` puts envs (the course profile's conda layout: ~/miniforge3/envs/lmdeploy)."""
     home = tmp_path / "home"
     home.mkdir(parents=True)
     if bin_dir is None:
-        bin_dir = fake_env(home / "envs" / "lmdeploy" / "bin", version=version, gpus=gpus)
+        bin_dir = fake_host(home, layout, version=version, gpus=gpus)
+    else:
+        env_root = env_bin(home, "lmdeploy", layout).parent
+        env_root.parent.mkdir(parents=True)
+        env_root.symlink_to(bin_dir.parent)  # the venv itself, seen at the layout's path
+        bin_dir = env_root / "bin"
+        write_host_json(home, layout=layout)
     if arch:
         model = home / "model" / "llava-llama-3-8b-v1_1-hf"
         model.mkdir(parents=True)

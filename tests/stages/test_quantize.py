@@ -18,7 +18,7 @@ from llama3_ops.stages import chat, quantize
 from llama3_ops.stages.lm_files import awq_offline
 from llama3_ops.stages.lm_models import LmdeployEnv, ModelError
 
-from .lm_support import base_path, fake_env, lmdeploy_python, parse_with_lmdeploy
+from .lm_support import base_path, env_bin, fake_env, lmdeploy_python, parse_with_lmdeploy, write_host_json
 
 WRAPPER = Path(awq_offline.__file__)
 ENV18 = LmdeployEnv("/e/bin", "0.18.0", "/e/bin/python")
@@ -181,11 +181,16 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoint.make_checkpoint(tmp_path_factory.mktemp("small") / "Meta-Llama-3-8B-Instruct", "small128")
 
 
-def _host(tmp_path: Path, model: Path | None, bin_dir: str) -> tuple[LocalRemote, Path]:
+def _host(tmp_path: Path, model: Path | None, bin_dir: str, layout: str = "venv") -> tuple[LocalRemote, Path]:
+    """A host whose host.json names ``bin_dir``'s env as its lmdeploy env, seen where ``layout`` puts envs."""
     home = tmp_path / "home"
     (home / "model").mkdir(parents=True)
     if model is not None:
         shutil.copytree(model, home / "model" / "Meta-Llama-3-8B-Instruct")
+    env_root = env_bin(home, "lmdeploy", layout).parent
+    env_root.parent.mkdir(parents=True)
+    env_root.symlink_to(Path(bin_dir).parent)
+    write_host_json(home, layout=layout)
     return LocalRemote(env={"HOME": str(home), "PATH": f"{bin_dir}:{base_path()}"}), home
 
 
@@ -220,10 +225,11 @@ def test_plan_uploads_wrapper_and_calibration_text(tmp_path: Path, small_model: 
 
 
 def _run(tmp_path: Path, small_model: Path, version: str, **kw: object) -> tuple[LocalRemote, Path, object]:
+    """No --env: the env comes from host.json, a conda env (course profile) for 0.18.0, a venv for 0.4.1."""
     py = Path(lmdeploy_python(version))
-    remote, home = _host(tmp_path, small_model, str(py.parent))
-    cfg = quantize.QuantizeConfig(env_bin_dir=str(py.parent), device="cpu", check_gpu=False, calib_samples=8,
-                                  calib_seqlen=256, **kw)  # type: ignore[arg-type]
+    remote, home = _host(tmp_path, small_model, str(py.parent), layout="conda" if version == "0.18.0" else "venv")
+    cfg = quantize.QuantizeConfig(device="cpu", check_gpu=False, calib_samples=8, calib_seqlen=256,
+                                  **kw)  # type: ignore[arg-type]
     return remote, home, quantize.quantize(remote, cfg, timeout=900)
 
 
@@ -241,13 +247,13 @@ def test_real_auto_awq_on_cpu_offline(tmp_path: Path, small_model: Path, version
     assert not (out.parent / (out.name + ".partial")).exists()
     assert marker["weights"]  # safetensors (0.18) or pytorch_model.bin (0.4.1)
     # fab chat / fab serve find it as the 4bit model
+    from llama3_ops.stages.host import read_host
     from llama3_ops.stages.lm_models import check_model
 
-    m = check_model(remote, "4bit", str(home))
+    m = check_model(remote, "4bit", read_host(remote))
     assert m.model_format == "awq" and m.quantization == qcfg
     # again: nothing to do
-    again = quantize.quantize(remote, quantize.QuantizeConfig(env_bin_dir=str(Path(lmdeploy_python(version)).parent),
-                                                              device="cpu", check_gpu=False), timeout=60)
+    again = quantize.quantize(remote, quantize.QuantizeConfig(device="cpu", check_gpu=False), timeout=60)
     assert not again.started_now and again.info["finished"] == marker["finished"]
 
 
@@ -289,6 +295,7 @@ def test_quantize_main_is_the_device_code_path(tmp_path: Path, small_model: Path
     home = tmp_path / "home"
     model = home / "work" / "Meta-Llama-3-8B-Instruct"
     shutil.copytree(small_model, model)
+    write_host_json(home, envs={"lmdeploy": py.parent})  # the device script provisions first
     monkeypatch.setenv("HOME", str(home))
     out_json = tmp_path / "q.json"
     rc = quantize.main(["--local", "--model", str(model), "--calib-samples", "4", "--calib-seqlen", "128",

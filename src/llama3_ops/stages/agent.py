@@ -37,7 +37,7 @@ def agent_config(
     port: int = DEFAULT_PORT,
     api_port: int = 23333,
     api_key: str | None = None,
-    env_bin_dir: str = "~/envs/llama3/bin",
+    env_bin_dir: str | None = None,
     max_turn: int = 4,
     max_new_tokens: int = 512,
     env: dict[str, str] | None = None,

@@ -55,7 +55,7 @@ from llama3_ops.stages.finetune import (
 from llama3_ops.stages.finetune_config import AGENT_FLAN, ConfigError, TrainParams
 
 DEFAULT_DATA_DIR = "~/Agent-FLAN/data"
-MERGED = "~/model/llama3_agent_flan_merged"
+MERGED_NAME = "llama3_agent_flan_merged"  # beside the base model
 SOURCE_MARKER = ".llama3-ops-source.json"
 EVALUATION_INPUT = "Please help me search the InternLM2 Technical Report."
 # The course config's SYSTEM (Lagent's ReAct format with the ArxivSearch tool), as XTuner's
@@ -145,7 +145,7 @@ def agent_flan_job(
     return Job(
         name="agent-finetune", fab_task="agent-finetune", stage="agent_finetune",
         course_config="configs/llama3-agentflan/llama3_8b_instruct_qlora_agentflan_3e.py",
-        config_name="llama3_8b_instruct_qlora_agentflan_3e", params=params, merged=MERGED,
+        config_name="llama3_8b_instruct_qlora_agentflan_3e", params=params, merged_name=MERGED_NAME,
         system=SYSTEM, evaluation_inputs=(EVALUATION_INPUT,), dataset_format="disk",
         dataset_map_fn="openai_map_fn", prepare_data=agent_flan_data(data_dir, upload),
     )

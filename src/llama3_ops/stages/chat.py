@@ -38,6 +38,7 @@ from llama3_ops.remote import transport
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
+from llama3_ops.stages.host import read_host
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
 
 SESSION_SCRIPT = "chat_session.sh"
@@ -58,7 +59,7 @@ class ChatConfig:
     tp: int = 1
     quant_policy: Literal[0, 4, 8] = 0
     model_format: str | None = None  # None: awq for AWQ models on TurboMind
-    env_bin_dir: str = "~/envs/lmdeploy/bin"
+    env_bin_dir: str | None = None  # None: host.json's lmdeploy env
     gpu_index: int = 0
     check_gpu: bool = True
     env: dict[str, str] = field(default_factory=dict)
@@ -151,9 +152,10 @@ class Prepared:
 def prepare(remote: Remote, cfg: ChatConfig, console: Console | None = None) -> Prepared:
     """Preflight (model, env, GPU memory) and upload the session script; nothing is started."""
     cfg.validate()
-    home = transport.remote_home(remote)
-    model = check_model(remote, cfg.model, home)
-    env = probe_env(remote, cfg.env_bin_dir, home)
+    host = read_host(remote)
+    home = host.home
+    model = check_model(remote, cfg.model, host)
+    env = probe_env(remote, host, cfg.env_bin_dir)
     dev = gpu.check_stage(remote, cfg.stage, cfg.gpu_index) if cfg.check_gpu else None
     remote_files.put_package_file(
         remote, "llama3_ops.stages.lm_files", SESSION_SCRIPT, f"{STAGE_FILES_DIR}/{SESSION_SCRIPT}", mode="0755"
@@ -244,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
     p.add_argument("--cache-max-entry-count", type=float)
     p.add_argument("--session-len", type=int)
-    p.add_argument("--env-bin-dir", default="~/envs/lmdeploy/bin")
+    p.add_argument("--env-bin-dir", help="the lmdeploy env\'s bin dir (default: host.json\'s)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--question", action="append", default=[])
     p.add_argument("--no-gpu-check", action="store_true")

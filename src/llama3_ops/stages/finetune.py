@@ -43,7 +43,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -51,6 +51,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote import services, transport
 from llama3_ops.remote.files import put_text
 from llama3_ops.remote.services import ServiceSpec, ServiceStatus
@@ -66,11 +67,11 @@ from llama3_ops.stages.finetune_config import (
 )
 from llama3_ops.stages.finetune_data import SelfCognition
 from llama3_ops.stages.gpu import GPUCheckError, NoGPUError, check_disk, check_stage, query_gpus
-from llama3_ops.stages.serve import MODELS
+from llama3_ops.stages.host import MERGED_NAME, Host
+from llama3_ops.stages.host import read_host as read_contract
 
 PACKAGE = "llama3_ops.stages"
-COURSE_DIR = "~/llama3-course"
-DEFAULT_ENV_BIN = "~/envs/llama3/bin"
+TRAIN_ENV = "llama3"  # host.json's env with XTuner
 READY_MARKER = ".llama3-ops-ready.json"
 RUN_MARKER = ".llama3-ops-run.json"
 TRAIN_DONE = ".llama3-ops-train-done.json"
@@ -89,7 +90,7 @@ Step = Literal["train", "convert", "merge"]
 STEPS: tuple[Step, ...] = ("train", "convert", "merge")
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(Llama3OpsError):
     """A bad input or a failed step, as one clear message; nothing half-done is marked complete."""
 
 
@@ -99,16 +100,25 @@ class FinetuneDetached(Exception):
 
 @dataclass(frozen=True)
 class HostInfo:
-    home: str
-    course_dir: str  # absolute
-    profile: str
-    env_bin: str  # absolute bin dir of the llama3 env
-    service_manager: str = ""
+    """The host contract plus the env this fine-tune runs in (host.json's llama3 env, or ``--env-bin``)."""
+
+    host: Host
+    env_bin: str  # absolute bin dir
+
+    @property
+    def home(self) -> str:
+        return self.host.home
+
+    @property
+    def course_dir(self) -> str:
+        return self.host.course_dir
+
+    @property
+    def profile(self) -> str:
+        return self.host.profile
 
     def expand(self, path: str) -> str:
-        if path == "~":
-            return self.home
-        return self.home.rstrip("/") + path[1:] if path.startswith("~/") else path
+        return self.host.expand(path)
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,7 @@ class Job:
     course_config: str
     config_name: str  # file name under <course dir>/configs (GPU; CPU runs add _cpu)
     params: TrainParams
-    merged: str  # ~/... path of the merged model
+    merged_name: str  # the merged model's directory, beside the base model
     system: str
     evaluation_inputs: tuple[str, ...]
     dataset_format: Literal["json", "disk"]
@@ -152,31 +162,9 @@ class FinetuneResult:
 
 
 def read_host(remote: Remote, env_bin: str | None = None) -> HostInfo:
-    """Home, course dir, profile and the llama3 env, from ``~/llama3-course/host.json`` (provisioning)."""
-    res = remote.run(f'printf "%s\\n" "$HOME"; cat "$HOME"/{COURSE_DIR[2:]}/host.json 2>/dev/null', timeout=30,
-                     check=False)
-    home, _, rest = res.stdout.partition("\n")
-    facts: dict[str, Any] = {}
-    if rest.strip():
-        try:
-            facts = json.loads(rest)
-        except json.JSONDecodeError as exc:
-            raise FinetuneError(f"{remote.label}: {COURSE_DIR}/host.json is not JSON ({exc})") from exc
-    else:
-        raise FinetuneError(
-            f"{remote.label} has no {COURSE_DIR}/host.json: provision it first (fab provision), which creates "
-            "the course workspace and the llama3 env"
-        )
-    envs = facts.get("envs") or {}
-    bin_dir = env_bin or envs.get("llama3") or DEFAULT_ENV_BIN
-    info = HostInfo(
-        home=home.strip(),
-        course_dir=str(facts.get("course_dir") or ""),
-        profile=str(facts.get("profile") or ""),
-        env_bin="",
-        service_manager=str(facts.get("service_manager") or ""),
-    )
-    return replace(info, course_dir=info.expand(info.course_dir or COURSE_DIR), env_bin=info.expand(bin_dir))
+    """The host contract (:mod:`llama3_ops.stages.host`) and the env with XTuner."""
+    host = read_contract(remote)
+    return HostInfo(host, host.env_bin(TRAIN_ENV, env_bin))
 
 
 def choose_device(remote: Remote, host: HostInfo, device: Device) -> Literal["gpu", "cpu"]:
@@ -193,7 +181,7 @@ def choose_device(remote: Remote, host: HostInfo, device: Device) -> Literal["gp
 
 
 def check_base_model(remote: Remote, host: HostInfo, model: str) -> str:
-    path = host.expand(MODELS.get(model, model))
+    path, _ = host.host.model(model)
     script = (
         f"m={shlex.quote(path)}\n"
         '[ -d "$m" ] || { echo "missing"; exit 0; }\n'
@@ -579,7 +567,7 @@ def run(
 
     # 5. merge, check, then rename into place with the ready marker
     t = time.monotonic()
-    merged = host.expand(job.merged)
+    merged = host.host.sibling(job.merged_name)
     ready = read_json(remote, f"{merged}/{READY_MARKER}")
     merged_answer: str | None = None
     if ready is not None and ready.get("run") == run_fp and ready.get("checkpoint") == latest:
@@ -626,7 +614,7 @@ def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResul
     """Say what was made and what to do with it."""
     name = PurePosixPath(result.checkpoint).name
     if result.merged_path is not None:
-        model_arg = "merged" if job.merged == MODELS["merged"] else result.merged_path
+        model_arg = "merged" if job.merged_name == MERGED_NAME else result.merged_path
         console.print(f"[green]done[/]: {result.merged_path} (from {name}); serve it with "
                       f"`fab serve --model {model_arg}`")
     elif result.adapter is not None:
@@ -640,10 +628,9 @@ def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResul
     return result
 
 
-def merged_ready(remote: Remote, path: str = MODELS["merged"]) -> dict[str, Any] | None:
+def merged_ready(remote: Remote, path: str = "merged") -> dict[str, Any] | None:
     """The ready marker of a merged model (``None``: absent, or not marked ready)."""
-    home = transport.remote_home(remote)
-    full = home.rstrip("/") + path[1:] if path.startswith("~/") else path
+    full, _ = read_contract(remote).model(path)
     return read_json(remote, f"{full}/{READY_MARKER}")
 
 
@@ -668,7 +655,7 @@ def self_cognition_job(data: SelfCognition | None = None, params: TrainParams = 
     return Job(
         name="finetune", fab_task="finetune", stage="finetune",
         course_config="configs/assistant/llama3_8b_instruct_qlora_assistant.py",
-        config_name="llama3_8b_instruct_qlora_assistant", params=params, merged=MODELS["merged"],
+        config_name="llama3_8b_instruct_qlora_assistant", params=params, merged_name=MERGED_NAME,
         system=d.system, evaluation_inputs=(d.question,), dataset_format="json", dataset_map_fn=None,
         prepare_data=prepare,
     )

@@ -46,6 +46,7 @@ from llama3_ops.remote import files as remote_files
 from llama3_ops.remote import transport
 from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
+from llama3_ops.stages.host import read_host
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
 
 SCRIPT = "llava_describe.py"
@@ -81,7 +82,7 @@ class LlavaConfig:
     session_len: int = 8192
     cache_max_entry_count: float | None = None
     max_new_tokens: int = 512
-    env_bin_dir: str = "~/envs/lmdeploy/bin"
+    env_bin_dir: str | None = None  # None: host.json's lmdeploy env
     install_llava: bool = False
     llava_ref: str = ""  # a tag or commit of the LLaVA repo; empty: its default branch, as the model card
     check_gpu: bool = True
@@ -223,13 +224,14 @@ def prepare(remote: Remote, cfg: LlavaConfig, console: Console | None = None, dr
         if "://" in cfg.image:
             raise LlavaError(f"{cfg.image}: only http(s) URLs or local files")
         local = read_local_image(Path(cfg.image).expanduser())
-    home = transport.remote_home(remote)
+    host = read_host(remote)
+    home = host.home
     try:
-        model = check_model(remote, cfg.model, home)
+        model = check_model(remote, cfg.model, host)
     except ModelError as exc:
         raise LlavaError(f"{exc}. Download LLaVA-Llama-3 there first (the course uses "
                          "xtuner/llava-llama-3-8b-v1_1-hf) or pass --model PATH") from exc
-    env = probe_env(remote, cfg.env_bin_dir, home)
+    env = probe_env(remote, host, cfg.env_bin_dir)
     check_env(remote, cfg, model, env, console)
     if cfg.check_gpu and not dry_run:
         gpu.check_stage(remote, "llava")
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-len", type=int, default=8192)
     p.add_argument("--cache-max-entry-count", type=float)
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--env-bin-dir", default="~/envs/lmdeploy/bin")
+    p.add_argument("--env-bin-dir", help="the lmdeploy env\'s bin dir (default: host.json\'s)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--timeout", type=float, default=1800.0)

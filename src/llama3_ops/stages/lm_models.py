@@ -1,8 +1,8 @@
 """Models and the lmdeploy environment on the host, shared by ``fab chat``, ``fab quantize`` and ``fab llava``.
 
-Model names resolve as in :func:`llama3_ops.stages.serve.resolve_model` (``base``, ``merged``, ``4bit`` or a
-path; ``4bit`` means ``--model-format awq``). :func:`check_model` runs one remote script and fails with
-a message that names the stage that makes the missing model.
+Model names resolve through the host contract, :meth:`llama3_ops.stages.host.Host.model` (``base``,
+``merged``, ``4bit`` or a path; ``4bit`` means ``--model-format awq``). :func:`check_model` runs one
+remote script and fails with a message that names the stage that makes the missing model.
 """
 
 from __future__ import annotations
@@ -13,21 +13,15 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote.transport import Remote
-from llama3_ops.stages import serve
+from llama3_ops.stages.host import Host
 
 STAGE_FILES_DIR = "~/.local/share/llama3-ops/stages"  # host-side scripts are uploaded here
+LMDEPLOY_ENV = "lmdeploy"  # host.json's env that runs fab chat, quantize and llava
 AWQ_MARKER = ".llama3-ops-awq.json"  # written by lm_files/awq_offline.py when a quantization finished
 
-# Which stage produces each named model, for "run X first" messages.
-MADE_BY = {
-    "base": "the model download (ansible-playbook site.yml --tags model)",
-    "merged": "the fine-tune stage (fab finetune merges into it)",
-    "4bit": "fab quantize",
-}
-
-
-class ModelError(ValueError):
+class ModelError(Llama3OpsError):
     """A model (or the env that runs it) is missing or unusable on the host."""
 
 
@@ -59,22 +53,9 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
 
 
-def expand(path: str, home: str) -> str:
-    if path == "~":
-        return home
-    if path.startswith("~/"):
-        return home.rstrip("/") + path[1:]
-    return path
-
-
-def resolve(model: str, home: str) -> tuple[str, str | None]:
-    """``(absolute host path, model format)``, exactly as ``fab serve`` resolves it."""
-    return serve.resolve_model(model, home)
-
-
-def check_model(remote: Remote, model: str, home: str) -> HostModel:
+def check_model(remote: Remote, model: str, host: Host) -> HostModel:
     """The model directory with its config; :class:`ModelError` naming the stage that makes it if missing."""
-    path, fmt = resolve(model, home)
+    path, fmt = host.model(model)
     q = shlex.quote(path)
     script = (
         f"m={q}\n"
@@ -84,7 +65,6 @@ def check_model(remote: Remote, model: str, home: str) -> HostModel:
         'echo "@@CONFIG"; cat "$m/config.json"\n'
     )
     res = remote.run(script, timeout=30, check=False)
-    made_by = MADE_BY.get(model)
     if res.rc != 0:
         what = res.stdout.strip()
         if what == "missing":
@@ -93,9 +73,7 @@ def check_model(remote: Remote, model: str, home: str) -> HostModel:
             msg = f"model {model!r} on {remote.label}: {path} has no config.json (not a Hugging Face model dir)"
         else:
             msg = f"could not check model {path} on {remote.label}: {res.stderr.strip() or what}"
-        if made_by:
-            msg += f"; it is made by {made_by}: run that first"
-        raise ModelError(msg)
+        raise ModelError(msg + host.model_hint(model))
     head, _, cfg_text = res.stdout.partition("@@CONFIG\n")
     marker = "marker=1" in head
     try:
@@ -116,9 +94,10 @@ def check_model(remote: Remote, model: str, home: str) -> HostModel:
     return HostModel(model, path, fmt, tuple(cfg.get("architectures") or ()), quant)
 
 
-def probe_env(remote: Remote, bin_dir: str, home: str) -> LmdeployEnv:
-    """The lmdeploy version in the env (read from its metadata, without importing lmdeploy)."""
-    bd = expand(bin_dir, home).rstrip("/")
+def probe_env(remote: Remote, host: Host, override: str | None = None) -> LmdeployEnv:
+    """The lmdeploy env (host.json's, or ``override``) and its version, read from its metadata without
+    importing lmdeploy."""
+    bd = host.env_bin(LMDEPLOY_ENV, override)
     script = (
         f"b={shlex.quote(bd)}\n"
         'if [ ! -x "$b/python" ]; then echo "nopython"; exit 4; fi\n'
@@ -134,8 +113,9 @@ def probe_env(remote: Remote, bin_dir: str, home: str) -> LmdeployEnv:
             detail = f"{bd}/lmdeploy does not exist (lmdeploy is not installed in that env)"
         else:
             detail = res.stderr.strip()[-500:] or out
+        source = "--env" if override else f"host.json's {LMDEPLOY_ENV!r} env"
         raise ModelError(
-            f"no lmdeploy environment at {bd} on {remote.label}: {detail}. Provision the host "
+            f"no lmdeploy environment at {bd} ({source}) on {remote.label}: {detail}. Provision the host "
             "(ansible-playbook site.yml --tags python_env) or pass --env with the env's bin directory."
         )
     return LmdeployEnv(bd, out.splitlines()[-1].strip(), f"{bd}/python")

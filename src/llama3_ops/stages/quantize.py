@@ -46,7 +46,8 @@ from llama3_ops.remote import services, transport
 from llama3_ops.remote.services import ServiceSpec
 from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
-from llama3_ops.stages.lm_models import AWQ_MARKER, STAGE_FILES_DIR, LmdeployEnv, check_model, expand, probe_env
+from llama3_ops.stages.host import AWQ_SUFFIX, Host, read_host
+from llama3_ops.stages.lm_models import AWQ_MARKER, STAGE_FILES_DIR, LmdeployEnv, check_model, probe_env
 
 SERVICE = "quantize"
 SCRIPT = "awq_offline.py"
@@ -73,7 +74,7 @@ class QuantizeConfig:
     batch_size: int = 1
     dtype: str = "float16"
     device: str = "cuda"
-    env_bin_dir: str = "~/envs/lmdeploy/bin"
+    env_bin_dir: str | None = None  # None: host.json's lmdeploy env
     force: bool = False
     check_gpu: bool = True
     env: dict[str, str] = field(default_factory=dict)
@@ -111,8 +112,8 @@ class QuantizeConfig:
             )
 
 
-def output_path(model_path: str, out: str | None, home: str) -> str:
-    return expand(out, home) if out else model_path.rstrip("/") + "_4bit"
+def output_path(model_path: str, out: str | None, host: Host) -> str:
+    return host.expand(out) if out else model_path.rstrip("/") + AWQ_SUFFIX
 
 
 def cli_equivalent(cfg: QuantizeConfig, env: LmdeployEnv, model_path: str, out: str) -> list[str]:
@@ -184,13 +185,14 @@ def _read_marker(remote: Remote, out: str) -> dict[str, Any] | None:
 def plan(remote: Remote, cfg: QuantizeConfig, console: Console | None = None) -> Plan:
     """Preflight (model, env, version rules, GPU memory, disk) and the service to run."""
     cfg.validate()
-    home = transport.remote_home(remote)
-    model = check_model(remote, cfg.model, home)
+    host = read_host(remote)
+    home = host.home
+    model = check_model(remote, cfg.model, host)
     if model.quantization:
         raise QuantizeError(f"{model.path} is already quantized ({model.quantization.get('quant_method')})")
-    env = probe_env(remote, cfg.env_bin_dir, home)
+    env = probe_env(remote, host, cfg.env_bin_dir)
     cfg.check_version(env)
-    out = output_path(model.path, cfg.out, home)
+    out = output_path(model.path, cfg.out, host)
     if out.rstrip("/") == model.path.rstrip("/"):
         raise QuantizeError("the output directory must differ from the model directory")
     equivalent = cli_equivalent(cfg, env, model.path, out)
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--w-group-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--env-bin-dir", default="~/envs/lmdeploy/bin")
+    ap.add_argument("--env-bin-dir", help="the lmdeploy env\'s bin dir (default: host.json\'s)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-gpu-check", action="store_true")

@@ -3,14 +3,8 @@
 Replaces ``lmdeploy serve api_server ... --server-name 0.0.0.0`` in a foreground terminal with a
 supervised service bound to 127.0.0.1 (reached through :mod:`llama3_ops.remote.tunnel`).
 
-Model names (relative to the host user's ``$HOME``):
-
-=========  ===========================================  =====================
-``base``   ``~/model/Meta-Llama-3-8B-Instruct``           stage 1 download
-``merged`` ``~/model/llama3_hf_merged``                   stage 3 XTuner merge
-``4bit``   ``~/model/Meta-Llama-3-8B-Instruct_4bit``      ``lmdeploy lite auto_awq`` → ``--model-format awq``
-other      used as a path (``~`` = the host user's home)
-=========  ===========================================  =====================
+Model names (``base``, ``merged``, ``4bit`` or a path) and the engine's environment come from the
+host contract, :mod:`llama3_ops.stages.host`.
 """
 
 from __future__ import annotations
@@ -31,13 +25,10 @@ from llama3_ops.remote.ports import DEFAULT_PORT
 from llama3_ops.remote.services import Arg, Secret, ServiceSpec, ServiceStatus
 from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
+from llama3_ops.stages.host import Host, read_host
 
-MODELS: dict[str, str] = {
-    "base": "~/model/Meta-Llama-3-8B-Instruct",
-    "merged": "~/model/llama3_hf_merged",
-    "4bit": "~/model/Meta-Llama-3-8B-Instruct_4bit",
-}
 API_KEY_ENV = "LLAMA3_OPS_API_KEY"
+ENGINE_ENV = "lmdeploy"  # host.json's env that holds the engine (lmdeploy, or transformers on the cpu profile)
 SERVICE_NAME = "llm"
 
 
@@ -52,7 +43,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     expose: bool = False  # bind 0.0.0.0 (needs api_key); default 127.0.0.1 + tunnel
     api_key: str | None = None
-    env_bin_dir: str = "~/envs/lmdeploy/bin"  # venv or conda env bin dir holding the engine CLI
+    env_bin_dir: str | None = None  # bin dir holding the engine CLI; None: host.json's lmdeploy env
     # lmdeploy
     backend: Literal["turbomind", "pytorch"] = "turbomind"
     tp: int = 1
@@ -93,26 +84,11 @@ class ServeConfig:
             raise ServeConfigError("cache_max_entry_count must be in (0, 1]")
 
 
-def _expand(path: str, home: str) -> str:
-    if path == "~":
-        return home
-    if path.startswith("~/"):
-        return home.rstrip("/") + path[1:]
-    return path
-
-
-def resolve_model(model: str, home: str) -> tuple[str, str | None]:
-    """``(absolute path on the host, model format or None)`` for a model choice."""
-    path = MODELS.get(model, model)
-    fmt = "awq" if model == "4bit" else None
-    return _expand(path, home), fmt
-
-
-def build_spec(cfg: ServeConfig, home: str) -> ServiceSpec:
+def build_spec(cfg: ServeConfig, host: Host) -> ServiceSpec:
     """The :class:`ServiceSpec` for ``cfg``; the API key is an env secret, never a literal arg."""
     cfg.validate()
-    model_path, fmt = resolve_model(cfg.model, home)
-    bin_dir = _expand(cfg.env_bin_dir, home).rstrip("/")
+    model_path, fmt = host.model(cfg.model)
+    bin_dir = host.env_bin(ENGINE_ENV, cfg.env_bin_dir)
     env = {"PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", **cfg.env}
     secrets: dict[str, str] = {}
     argv: list[Arg]
@@ -156,11 +132,6 @@ def build_spec(cfg: ServeConfig, home: str) -> ServiceSpec:
     return ServiceSpec(name=cfg.name, argv=tuple(argv), env=env, secrets=secrets, cwd="~", port=cfg.port)
 
 
-def display_command(cfg: ServeConfig, home: str = "~") -> str:
-    """The command line as printed (API key masked as ``***``)."""
-    return build_spec(cfg, home).display()
-
-
 @dataclass
 class ServeResult:
     status: ServiceStatus
@@ -169,7 +140,7 @@ class ServeResult:
     command: str
 
 
-def check_host(remote: Remote, spec: ServiceSpec, cfg: ServeConfig) -> None:
+def check_host(remote: Remote, spec: ServiceSpec, cfg: ServeConfig, host: Host) -> None:
     """Clear errors before starting: the model dir and the engine executable must exist."""
     model_path = str(spec.argv[3] if cfg.engine == "lmdeploy" else spec.argv[2])
     exe = str(spec.argv[0])
@@ -184,10 +155,10 @@ def check_host(remote: Remote, spec: ServiceSpec, cfg: ServeConfig) -> None:
     res = remote.run(script, timeout=30, check=False)
     if res.rc != 0:
         hint = ""
-        if res.rc == 3 and cfg.model in MODELS:
-            hint = f" (model {cfg.model!r} = {MODELS[cfg.model]}; did the download/merge/quantize stage run?)"
+        if res.rc == 3:
+            hint = host.model_hint(cfg.model)
         elif res.rc == 4:
-            hint = " (set env_bin_dir to the venv/conda env that has the engine installed)"
+            hint = f" (host.json's {ENGINE_ENV!r} env, or the --env given, must have the engine installed)"
         raise ServeConfigError(f"on {remote.label}: {res.stdout.strip() or res.stderr.strip()}{hint}")
 
 
@@ -207,9 +178,9 @@ def serve(
     :class:`health.NotReadyError` is raised with the last log lines.
     """
     console = console or Console(stderr=True)
-    home = transport.remote_home(remote)
-    spec = build_spec(cfg, home)
-    check_host(remote, spec, cfg)
+    host = read_host(remote)
+    spec = build_spec(cfg, host)
+    check_host(remote, spec, cfg, host)
     current = services.status(remote, cfg.name, log_lines=0)
     if cfg.engine == "lmdeploy" and not current.running:
         # GPU count and memory for --tp N before anything starts (a running server holds the memory).
@@ -342,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"])
     up.add_argument("--model", default="base")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
-    up.add_argument("--env-bin-dir", default="~/envs/lmdeploy/bin")
+    up.add_argument("--env-bin-dir", help="the engine env's bin dir (default: host.json's lmdeploy env)")
     up.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
     up.add_argument("--tp", type=int, default=1)
     up.add_argument("--cache-max-entry-count", type=float, default=0.5)

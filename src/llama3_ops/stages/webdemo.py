@@ -37,19 +37,15 @@ from llama3_ops.remote.files import put_package_file
 from llama3_ops.remote.ports import NoFreePortError
 from llama3_ops.remote.services import ServiceSpec, ServiceStatus
 from llama3_ops.remote.transport import Remote
-from llama3_ops.stages.serve import API_KEY_ENV, MODELS, resolve_model
+from llama3_ops.stages.host import Host, read_host
+from llama3_ops.stages.serve import API_KEY_ENV
 
 PACKAGE = "llama3_ops.stages"
 HEALTH_PATH = "/_stcore/health"
-DEFAULT_ENV_BIN_DIR = "~/envs/llama3/bin"
+APP_ENV = "llama3"  # host.json's env with streamlit (and lagent for the agent)
 BIND = "127.0.0.1"
 
 # Where each model name comes from, for the message when it is missing.
-MODEL_HINTS = {
-    "base": "provision the host first (fab provision): the model role downloads it there",
-    "merged": "run the fine-tune stage first (fab finetune): its last step merges into that path",
-    "4bit": "run the quantize stage first (fab quantize)",
-}
 
 
 class StageError(RuntimeError):
@@ -103,7 +99,7 @@ class StreamlitConfig:
     api_port: int = 23333  # the `fab serve` server, for --backend api
     api_key: str | None = None
     api_model: str = ""
-    env_bin_dir: str = DEFAULT_ENV_BIN_DIR
+    env_bin_dir: str | None = None  # None: host.json's llama3 env
     max_length: int = 8192
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -118,15 +114,11 @@ class StreamlitConfig:
             raise StageError(f"max_length {self.max_length} is below the slider's minimum 8")
 
 
-def _expand(path: str, home: str) -> str:
-    return home.rstrip("/") + path[1:] if path == "~" or path.startswith("~/") else path
-
-
-def build_spec(app: StreamlitApp, cfg: StreamlitConfig, home: str) -> ServiceSpec:
+def build_spec(app: StreamlitApp, cfg: StreamlitConfig, host: Host) -> ServiceSpec:
     """``streamlit run`` bound to the host's 127.0.0.1, with the app's arguments after ``--``."""
     cfg.validate()
-    model_path, _ = resolve_model(cfg.model, home)
-    bin_dir = _expand(cfg.env_bin_dir, home).rstrip("/")
+    model_path, _ = host.model(cfg.model)
+    bin_dir = host.env_bin(APP_ENV, cfg.env_bin_dir)
     app_args = ["--backend", cfg.backend, "--model", model_path, "--max-length", str(cfg.max_length)]
     if cfg.backend == "api":
         app_args += ["--api-url", f"http://127.0.0.1:{cfg.api_port}"]
@@ -135,7 +127,7 @@ def build_spec(app: StreamlitApp, cfg: StreamlitConfig, home: str) -> ServiceSpe
     argv = [
         f"{bin_dir}/streamlit",
         "run",
-        _expand(app.script, home),
+        host.expand(app.script),
         "--server.address",
         BIND,
         "--server.port",
@@ -163,10 +155,8 @@ def build_spec(app: StreamlitApp, cfg: StreamlitConfig, home: str) -> ServiceSpe
     return ServiceSpec(name=app.name, argv=tuple(argv), env=env, secrets=secrets, cwd=app.remote_dir, port=cfg.port)
 
 
-def _model_message(cfg: StreamlitConfig, path: str, label: str, problem: str) -> str:
-    if cfg.model in MODELS:
-        return f"model {cfg.model!r} ({path}) {problem} on {label}: {MODEL_HINTS[cfg.model]}"
-    return f"model directory {path} {problem} on {label}"
+def _model_message(cfg: StreamlitConfig, path: str, host: Host, problem: str) -> str:
+    return f"model directory {path} {problem} on {host.label}" + host.model_hint(cfg.model)
 
 
 def _check_script(app: StreamlitApp, model_path: str, exe: str) -> str:
@@ -195,17 +185,17 @@ def _check_script(app: StreamlitApp, model_path: str, exe: str) -> str:
     )
 
 
-def check_host(remote: Remote, app: StreamlitApp, cfg: StreamlitConfig, spec: ServiceSpec, home: str) -> None:
+def check_host(remote: Remote, app: StreamlitApp, cfg: StreamlitConfig, spec: ServiceSpec, host: Host) -> None:
     """Clear errors before anything starts: model, env, the model server (api backend)."""
-    model_path, _ = resolve_model(cfg.model, home)
+    model_path, _ = host.model(cfg.model)
     exe = str(spec.argv[0])
     res = remote.run(_check_script(app, model_path, exe), timeout=180, check=False)
     out = res.stdout.strip().splitlines()[-1:] or [res.stderr.strip()[-300:]]
     env_dir = str(PurePosixPath(exe).parent.parent)
     if res.rc == 3:
-        raise StageError(_model_message(cfg, model_path, remote.label, "does not exist"))
+        raise StageError(_model_message(cfg, model_path, host, "does not exist"))
     if res.rc == 4:
-        raise StageError(_model_message(cfg, model_path, remote.label, "has no config.json (not a Hugging Face model)"))
+        raise StageError(_model_message(cfg, model_path, host, "has no config.json (not a Hugging Face model)"))
     if res.rc == 5:
         raise StageError(
             f"{exe} not found on {remote.label}: the env {env_dir} has no streamlit "
@@ -214,7 +204,7 @@ def check_host(remote: Remote, app: StreamlitApp, cfg: StreamlitConfig, spec: Se
     if res.rc == 6:
         raise StageError(f"the env {env_dir} on {remote.label} cannot import what the app needs: {out[0]}")
     if res.rc == 7:
-        raise StageError(_model_message(cfg, model_path, remote.label, f"has no usable tokenizer ({out[0]})"))
+        raise StageError(_model_message(cfg, model_path, host, f"has no usable tokenizer ({out[0]})"))
     if res.rc != 0:
         raise StageError(f"checking the host {remote.label} failed (rc={res.rc}): {out[0]}")
     if cfg.backend == "api":
@@ -292,10 +282,10 @@ def start_app(
 ) -> AppResult:
     """Check, upload, start (or reuse) and wait for the app; a failed start leaves nothing running."""
     console = console or Console(stderr=True)
-    home = transport.remote_home(remote)
-    spec = build_spec(app, cfg, home)
+    host = read_host(remote)
+    spec = build_spec(app, cfg, host)
     with console.status(f"checking {remote.label}: model, env, ports"):
-        check_host(remote, app, cfg, spec, home)
+        check_host(remote, app, cfg, spec, host)
         cur = services.status(remote, app.name, log_lines=0)
         same = cur.running and cur.fingerprint == spec.fingerprint()
         if cur.running and not same and not restart:
