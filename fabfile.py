@@ -22,9 +22,9 @@ from pathlib import Path
 from fabric import Connection, task
 from rich.console import Console
 
+from llama3_ops.cli import user_errors
 from llama3_ops.provision import playbook as provisioning
 from llama3_ops.remote import hosts, services, transport, tunnel
-from llama3_ops.remote.health import NotReadyError
 from llama3_ops.stages import agent as agent_stage
 from llama3_ops.stages import agent_finetune as agent_ft
 from llama3_ops.stages import chat as chat_stage
@@ -34,8 +34,6 @@ from llama3_ops.stages import llava as llava_stage
 from llama3_ops.stages import quantize as quantize_stage
 from llama3_ops.stages import serve as srv
 from llama3_ops.stages import webdemo as webdemo_stage
-from llama3_ops.stages.gpu import GPUCheckError
-from llama3_ops.stages.lm_models import ModelError
 
 console = Console()
 
@@ -45,6 +43,7 @@ def _remote(c: Connection) -> transport.SSHRemote:
 
 
 @task
+@user_errors
 def provision(c: Connection, profile: str = "", check: bool = False) -> None:
     """Provision the host with site.yml (optionally --profile cpu|course|current, --check)."""
     extra: dict[str, object] | None = {"llama3_profile": profile} if profile else None
@@ -55,6 +54,7 @@ def provision(c: Connection, profile: str = "", check: bool = False) -> None:
 
 @task(help={"model": "base | merged | 4bit | a path on the host", "engine": "lmdeploy (GPU) | transformers (CPU)",
             "detach": "leave a background tunnel and return", "restart": "restart a server with other settings"})
+@user_errors
 def serve(c: Connection, model: str = "base", engine: str = "lmdeploy", backend: str = "turbomind", tp: int = 1,
           cache_max_entry_count: float = 0.5, quant_policy: int = 0, max_batch_size: int = 64,
           session_len: int = 8192, port: int = 23333, local_port: int = 23333, expose: bool = False,
@@ -65,11 +65,7 @@ def serve(c: Connection, model: str = "base", engine: str = "lmdeploy", backend:
                           api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, backend=backend,  # type: ignore[arg-type]
                           tp=tp, cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,  # type: ignore[arg-type]
                           max_batch_size=max_batch_size, session_len=session_len)
-    try:
-        result = srv.serve(remote, cfg, restart=restart, console=console)
-    except (srv.ServeConfigError, services.ServiceError, NotReadyError, GPUCheckError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+    result = srv.serve(remote, cfg, restart=restart, console=console)
     spec = tunnel.TunnelSpec(target=remote.target, remote_port=port, local_port=local_port)
     model_id = result.ready.model_id if result.ready else "?"
     if detach:
@@ -82,6 +78,7 @@ def serve(c: Connection, model: str = "base", engine: str = "lmdeploy", backend:
 
 
 @task
+@user_errors
 def client(c: Connection, local_port: int = 23333) -> None:
     """Interactive streamed chat through the tunnel (opens one if none is up)."""
     states = [s for s in tunnel.tunnel_status() if s.alive]
@@ -91,12 +88,14 @@ def client(c: Connection, local_port: int = 23333) -> None:
 
 
 @task
+@user_errors
 def status(c: Connection) -> None:
     """Services on the host with their health, and tunnels on this machine."""
     srv.report_status(_remote(c), api_key=os.environ.get(srv.API_KEY_ENV), console=console)
 
 
 @task
+@user_errors
 def logs(c: Connection, service: str = "llm", lines: int = 50, follow: bool = True) -> None:
     """Tail (and follow) a service's log."""
     if follow:
@@ -105,13 +104,20 @@ def logs(c: Connection, service: str = "llm", lines: int = 50, follow: bool = Tr
 
 
 @task
+@user_errors
 def stop(c: Connection, service: str = "llm") -> None:
     """Stop a service on the host and check nothing listens on its port any more."""
-    st = srv.stop(_remote(c), service)
+    remote = _remote(c)
+    known = [s.name for s in services.list_services(remote)]
+    if service not in known:
+        raise services.ServiceError(f"no service {service!r} on {remote.label} (services there: "
+                                    f"{', '.join(known) or 'none'}); fab -H {c.host} status lists them")
+    st = srv.stop(remote, service)
     console.print(f"{service}: {st.state}")
 
 
 @task
+@user_errors
 def down(c: Connection) -> None:
     """Stop every service on the host and every tunnel on this machine."""
     remote = _remote(c)
@@ -125,23 +131,21 @@ def down(c: Connection) -> None:
 @task(help={"model": "base | merged | 4bit | a path on the host", "backend": "turbomind | pytorch",
             "cache_max_entry_count": "KV cache share of free GPU memory (course: 0.5, then 0.01)",
             "env": "bin directory of the host's lmdeploy env"})
+@user_errors
 def chat(c: Connection, model: str = "base", backend: str = "turbomind", cache_max_entry_count: float = 0.0,
          session_len: int = 0, env: str = "") -> None:
     """lmdeploy chat on the host in this terminal; then the GPU memory it held (as the course's nvidia-smi)."""
     cfg = chat_stage.ChatConfig(model=model, backend=backend,  # type: ignore[arg-type]
                                 cache_max_entry_count=cache_max_entry_count or None,
                                 session_len=session_len or None, env_bin_dir=env or None)
-    try:
-        sys.exit(chat_stage.run_interactive(_remote(c), cfg, console=console))
-    except (chat_stage.ChatConfigError, ModelError, GPUCheckError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+    sys.exit(chat_stage.run_interactive(_remote(c), cfg, console=console))
 
 
 @task(help={"model": "base | merged | a path on the host", "out": "default: the model's path + _4bit",
             "calib_file": "a local UTF-8 text to calibrate on (default: the Python reference text on the host)",
             "calib_dataset": "lmdeploy's own set instead (needs the Hugging Face Hub)",
             "force": "quantize again over a finished result", "restart": "replace a running quantization"})
+@user_errors
 def quantize(c: Connection, model: str = "base", out: str = "", calib_file: str = "", calib_dataset: str = "",
              calib_samples: int = 128, calib_seqlen: int = 1024, w_group_size: int = 128, batch_size: int = 1,
              env: str = "", force: bool = False, restart: bool = False) -> None:
@@ -151,28 +155,19 @@ def quantize(c: Connection, model: str = "base", out: str = "", calib_file: str 
                                         calib_dataset=calib_dataset or None, calib_samples=calib_samples,
                                         calib_seqlen=calib_seqlen, w_group_size=w_group_size,
                                         batch_size=batch_size, env_bin_dir=env or None, force=force)
-    try:
-        quantize_stage.quantize(_remote(c), cfg, console=console, restart=restart)
-    except (quantize_stage.QuantizeError, ModelError, GPUCheckError, services.ServiceError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    quantize_stage.quantize(_remote(c), cfg, console=console, restart=restart)
 
 
 @task(help={"image": "a local image file (uploaded) or an http(s) URL",
             "model": "LLaVA-Llama-3 on the host", "install_llava": "pip install --no-deps the LLaVA repo first"})
+@user_errors
 def llava(c: Connection, image: str, prompt: str = "Describe this image.", model: str = llava_stage.DEFAULT_MODEL,
           backend: str = "turbomind", env: str = "", install_llava: bool = False,
           llava_ref: str = "") -> None:
     """Describe an image with LLaVA-Llama-3 through lmdeploy's pipeline on the host."""
     cfg = llava_stage.LlavaConfig(image=image, prompt=prompt, model=model, backend=backend,  # type: ignore[arg-type]
                                   env_bin_dir=env or None, install_llava=install_llava, llava_ref=llava_ref)
-    try:
-        result = llava_stage.describe(_remote(c), cfg, console=console)
-    except (llava_stage.LlavaError, ModelError, GPUCheckError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+    result = llava_stage.describe(_remote(c), cfg, console=console)
     console.print(result.text, markup=False, highlight=False)
 
 
@@ -180,6 +175,7 @@ def llava(c: Connection, image: str, prompt: str = "Describe this image.", model
             "backend": "local (the app loads the model) | api (the fab serve server)",
             "local_port": "local end of the tunnel (the next free port when busy)",
             "detach": "leave a background tunnel and return", "restart": "replace a web demo with other settings"})
+@user_errors
 def webdemo(c: Connection, model: str = "base", backend: str = "local", port: int = 8501, local_port: int = 8501,
             api_port: int = 23333, max_length: int = 8192, env: str = "", restart: bool = False,
             detach: bool = False) -> None:
@@ -195,17 +191,14 @@ def webdemo(c: Connection, model: str = "base", backend: str = "local", port: in
             "max_turn": "LLM calls per question (lagent's ReAct default 4)",
             "max_new_tokens": "tokens per step (the slider's start value)",
             "detach": "leave a background tunnel and return", "restart": "replace an agent demo with other settings"})
+@user_errors
 def agent(c: Connection, model: str = "base", backend: str = "local", port: int = 8502, local_port: int = 8502,
           api_port: int = 23333, max_turn: int = 4, max_new_tokens: int = 512, env: str = "",
           restart: bool = False, detach: bool = False) -> None:
     """The course's Lagent ReAct web demo (ArxivSearch + FinishAction), tunnelled to local 8502 or the next free."""
-    try:
-        cfg = agent_stage.agent_config(model, backend, port=port, api_port=api_port,
-                                       api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, max_turn=max_turn,
-                                       max_new_tokens=max_new_tokens)
-    except webdemo_stage.StageError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+    cfg = agent_stage.agent_config(model, backend, port=port, api_port=api_port,
+                                   api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, max_turn=max_turn,
+                                   max_new_tokens=max_new_tokens)
     sys.exit(agent_stage.agent(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
                                host=c.original_host or c.host, console=console))
 
@@ -214,11 +207,8 @@ def _finetune_errors(run: object) -> None:
     try:
         run()  # type: ignore[operator]
     except ft.FinetuneDetached as exc:
-        console.print(f"[yellow]{exc}[/]")
+        console.print(str(exc), style="yellow", markup=False)
         sys.exit(130)
-    except (ft.FinetuneError, services.ServiceError, transport.RemoteCommandError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
 
 
 @task(help={"name": "the assistant's name the dataset teaches (course: SmartFlowAI)",
@@ -228,6 +218,7 @@ def _finetune_errors(run: object) -> None:
             "device": "auto | gpu | cpu (cpu: LoRA instead of QLoRA, --cpu-iters iterations)",
             "max_iters": "a short GPU run of N iterations (0: the course's 3 epochs)",
             "until": "train | convert | merge (default merge: all the way)"})
+@user_errors
 def finetune(c: Connection, name: str = "SmartFlowAI", count: int = 2000, system: str = "", base_model: str = "base",
              device: str = "auto", cpu_iters: int = 4, max_iters: int = 0, until: str = "merge") -> None:
     """Self-cognition fine-tune: dataset, xtuner train, pth_to_hf, merge into ~/model/llama3_hf_merged."""
@@ -241,6 +232,7 @@ def finetune(c: Connection, name: str = "SmartFlowAI", count: int = 2000, system
             "base_model": "base | a model path on the host", "device": "auto | gpu | cpu",
             "max_iters": "a short GPU run of N iterations (0: the course's 3 epochs)",
             "until": "train | convert | merge"})
+@user_errors
 def agent_finetune(c: Connection, data_dir: str = "~/Agent-FLAN/data", upload: str = "", base_model: str = "base",
                    device: str = "auto", cpu_iters: int = 2, max_iters: int = 0, until: str = "merge") -> None:
     """Agent-FLAN fine-tune (LoRA r=64, max_length 4096), convert, merge into ~/model/llama3_agent_flan_merged."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,3 +54,26 @@ class Provisioned:
         check = bool(extra.pop("check", False))
         return run_playbook(self.inventory, extra_vars=extra or None, tags=tags, check=check,  # type: ignore[arg-type]
                             log=self.logs / f"{name}.log")
+
+
+# Where each profile's provisioning puts the envs (host.json's "envs"): venvs (cpu) or conda (course).
+LAYOUTS = {"venv": "envs/{name}/bin", "conda": "miniforge3/envs/{name}/bin"}
+
+
+def env_bin(home: Path, name: str = "lmdeploy", layout: str = "venv") -> Path:
+    return home / LAYOUTS[layout].format(name=name)
+
+
+def write_host_json(home: Path, envs: dict[str, Path | str] | None = None, layout: str = "venv",
+                    profile: str | None = None, model_dir: Path | None = None) -> Path:
+    """``~/llama3-course/host.json`` as the llama3_course role writes it, for a host laid out as ``layout``."""
+    envs = envs or {name: env_bin(home, name, layout) for name in ("llama3", "lmdeploy")}
+    model = model_dir or home / "model" / "Meta-Llama-3-8B-Instruct"
+    data = {"profile": profile or ("course" if layout == "conda" else "cpu"), "user": home.name,
+            "course_dir": str(home / "llama3-course"), "model_dir": str(model),
+            "model_stamp": str(model.parent / f".{model.name}.llama3-ops.json"),
+            "envs": {k: str(v) for k, v in envs.items()}, "offline": False, "service_manager": "none"}
+    path = home / "llama3-course" / "host.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from hostlab import write_host_json
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import find_free_port
 from llama3_ops.remote.procs import stop_process
@@ -154,7 +155,9 @@ LogLevel ERROR
         model_dir = f"{home}/model/Meta-Llama-3-8B-Instruct"
         shutil.copytree(tiny_model, model_dir)
         env_bin = _user_env(home, user)
-        subprocess.run(["chown", "-R", f"{user}:{user}", f"{home}/model"], check=True)
+        # what provisioning leaves: host.json naming the env (it holds `transformers serve`)
+        write_host_json(Path(home), envs={"lmdeploy": env_bin, "llama3": env_bin})
+        subprocess.run(["chown", "-R", f"{user}:{user}", f"{home}/model", f"{home}/llama3-course"], check=True)
         target = SSHTarget(
             host="127.0.0.1",
             user=user,

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from hostlab import env_bin, write_host_json
+
 H100 = {"name": "NVIDIA H100 80GB HBM3", "total": 81559, "used": 0}  # the device machine, 2026-11
 RTX3060 = {"name": "NVIDIA GeForce RTX 3060", "total": 12288, "used": 0}
 COURSE_MIB = 16176  # what the course's nvidia-smi showed for lmdeploy chat with --cache-max-entry-count 0.01
@@ -122,29 +124,6 @@ def fake_env(bin_dir: Path, *, version: str = "0.18.0", gpus: list[dict[str, obj
         f.chmod(0o755)
     write_gpus(bin_dir / "gpu-state.json", gpus if gpus is not None else [dict(H100)])
     return bin_dir
-
-
-# Where each profile's provisioning puts the envs (host.json's "envs"): venvs (cpu) or conda (course).
-LAYOUTS = {"venv": "envs/{name}/bin", "conda": "miniforge3/envs/{name}/bin"}
-
-
-def env_bin(home: Path, name: str = "lmdeploy", layout: str = "venv") -> Path:
-    return home / LAYOUTS[layout].format(name=name)
-
-
-def write_host_json(home: Path, envs: dict[str, Path | str] | None = None, layout: str = "venv",
-                    profile: str | None = None, model_dir: Path | None = None) -> Path:
-    """``~/llama3-course/host.json`` as the llama3_course role writes it, for a host laid out as ``layout``."""
-    envs = envs or {name: env_bin(home, name, layout) for name in ("llama3", "lmdeploy")}
-    model = model_dir or home / "model" / "Meta-Llama-3-8B-Instruct"
-    data = {"profile": profile or ("course" if layout == "conda" else "cpu"), "user": home.name,
-            "course_dir": str(home / "llama3-course"), "model_dir": str(model),
-            "model_stamp": str(model.parent / f".{model.name}.llama3-ops.json"),
-            "envs": {k: str(v) for k, v in envs.items()}, "offline": False, "service_manager": "none"}
-    path = home / "llama3-course" / "host.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
 
 
 def fake_host(home: Path, layout: str = "venv", **kw: Any) -> Path:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote.connection import SSHTarget
 
 GUEST_USER = "student"
@@ -46,7 +47,7 @@ HOST_TOOLS = {"mmdebstrap": "mmdebstrap", "systemd-nspawn": "systemd-container",
               "tmux": "tmux"}
 
 
-class FreshHostError(RuntimeError):
+class FreshHostError(Llama3OpsError, RuntimeError):
     """A fresh host could not be built, started or stopped."""
 
 

@@ -191,7 +191,9 @@ def inventory_hostvars(inventory: str | Path, host_name: str) -> dict[str, Any]:
 
 
 class SSHError(Llama3OpsError):
-    """ssh could not connect or authenticate (rc 255)."""
+    """ssh could not connect or authenticate (rc 255); ``detail`` holds ssh's own words."""
+
+    detail: str = ""
 
 
 class HostKeyMismatchError(SSHError):
@@ -199,21 +201,43 @@ class HostKeyMismatchError(SSHError):
 
 
 def classify_ssh_failure(target: SSHTarget, stderr: str) -> SSHError:
-    """Turn OpenSSH's stderr into an exception with a message a course user can act on."""
+    """Turn OpenSSH's stderr into one line a course user can act on (ssh's own words in ``.detail``)."""
     kh = str(target.known_hosts) if target.known_hosts else "~/.ssh/known_hosts"
     hostport = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
     tail = stderr.strip()[-1500:]
     changed = "Host key for" in stderr and "has changed" in stderr
+    err: SSHError
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr or changed:
-        return HostKeyMismatchError(
-            f"host key for {hostport} does not match known_hosts {kh}: refusing to connect "
-            f"(StrictHostKeyChecking=yes). If the host was really reinstalled, check its fingerprint "
-            f"out of band, then `ssh-keygen -f {kh} -R '{hostport}'` and add the new key.\n{tail}"
+        line = next((ln for ln in stderr.splitlines() if "Offending" in ln and "key in" in ln), "")
+        where = line.split("key in", 1)[1].strip() if line else kh
+        err = HostKeyMismatchError(
+            f"host key for {hostport} does not match known_hosts {where}: refusing to connect "
+            "(StrictHostKeyChecking=yes). If the host was really reinstalled (a rebuilt demo host, a new VM), "
+            f"check its fingerprint out of band, then delete the old key with "
+            f"`ssh-keygen -f {kh} -R '{hostport}'` and add the new one."
         )
-    if "Host key verification failed" in stderr or ("No " in stderr and "host key is known" in stderr):
-        return HostKeyMismatchError(
-            f"host key for {hostport} is not in known_hosts {kh} (or does not match it): refusing "
-            f"to connect (StrictHostKeyChecking=yes). Add the host's key to {kh} first "
-            f"(e.g. from the provisioning output), never by blind accept.\n{tail}"
+    elif "Host key verification failed" in stderr or ("No " in stderr and "host key is known" in stderr):
+        err = HostKeyMismatchError(
+            f"host key for {hostport} is not in known_hosts {kh} (or does not match it): refusing to connect "
+            f"(StrictHostKeyChecking=yes). Add the host's key to {kh} first (from its console or the provider's "
+            f"panel, or `ssh-keyscan -p {target.port} {target.host}` checked against its fingerprint), never by "
+            "blind accept."
         )
-    return SSHError(f"ssh to {target.label} failed: {tail}")
+    elif "Could not resolve hostname" in stderr:
+        err = SSHError(
+            f"cannot resolve host {target.host!r}: it is neither in your inventory ($LLAMA3_INVENTORY, default "
+            f"inventory/my.yml) nor a name DNS knows; add it there, or give user@address[:port]"
+        )
+    elif "Connection refused" in stderr or "timed out" in stderr or "No route to host" in stderr:
+        last = tail.splitlines()[-1] if tail else ""
+        err = SSHError(f"cannot reach {target.label} on port {target.port} ({last}): is the host up and sshd running?")
+    elif "Permission denied" in stderr:
+        err = SSHError(
+            f"{target.user}@{target.host} refused our key (Permission denied): set ansible_ssh_private_key_file in the "
+            "inventory, or add your public key to the host's ~/.ssh/authorized_keys"
+        )
+    else:
+        last = tail.splitlines()[-1] if tail else "no message"
+        err = SSHError(f"ssh to {target.label} failed: {last}")
+    err.detail = tail
+    return err

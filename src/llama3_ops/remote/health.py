@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote.services import ServiceStatus
 from llama3_ops.remote.transport import Remote
 
@@ -121,7 +122,7 @@ class RemoteHttpProbe:
         return HttpResult(int(status), str(text))
 
 
-class NotReadyError(RuntimeError):
+class NotReadyError(Llama3OpsError, RuntimeError):
     def __init__(self, message: str, log_tail: list[str] | None = None) -> None:
         tail = "\n".join(f"    {line}" for line in (log_tail or []))
         super().__init__(message + (f"\n  last log lines:\n{tail}" if tail else ""))

@@ -11,10 +11,12 @@ import socket
 import time
 from pathlib import Path
 
+from llama3_ops.errors import Llama3OpsError
+
 DEFAULT_PORT = 23333
 
 
-class NoFreePortError(RuntimeError):
+class NoFreePortError(Llama3OpsError, RuntimeError):
     pass
 
 

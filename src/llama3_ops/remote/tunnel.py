@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote.connection import HostKeyMismatchError, SSHError, SSHTarget, classify_ssh_failure
 from llama3_ops.remote.ports import DEFAULT_PORT, find_free_port, is_port_free, port_accepts
 from llama3_ops.remote.procs import stop_process
@@ -53,7 +54,7 @@ def tunnels_dir(root: Path | None = None) -> Path:
     return (root or state_root()) / "tunnels"
 
 
-class TunnelError(RuntimeError):
+class TunnelError(Llama3OpsError, RuntimeError):
     pass
 
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote import files as remote_files
 from llama3_ops.remote import transport
 from llama3_ops.remote.connection import SSHTarget
@@ -46,7 +47,7 @@ REPORT_DIR = "~/.local/state/llama3-ops/chat"
 COURSE_MIB = {"chat": 16176}  # the course's nvidia-smi reading with --cache-max-entry-count 0.01
 
 
-class ChatConfigError(ValueError):
+class ChatConfigError(Llama3OpsError, ValueError):
     pass
 
 

@@ -26,13 +26,15 @@ from typing import Any, Literal
 
 import jinja2
 
+from llama3_ops.errors import Llama3OpsError
+
 PACKAGE = "llama3_ops.stages"
 TEMPLATE = "finetune_files/xtuner_sft.py.j2"
 
 Quantization = Literal["nf4", "none"]
 
 
-class ConfigError(ValueError):
+class ConfigError(Llama3OpsError, ValueError):
     """Fine-tune settings that cannot make a working XTuner config."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote.transport import Remote
 
 QUERY_FIELDS = ("index", "name", "memory.total", "memory.used")
@@ -40,7 +41,7 @@ HINTS: dict[str, str] = {
 }
 
 
-class GPUCheckError(RuntimeError):
+class GPUCheckError(Llama3OpsError, RuntimeError):
     """The host cannot run a stage: no usable GPU, or not enough GPU memory."""
 
 

@@ -42,6 +42,7 @@ from typing import Any, Literal, get_args
 
 from rich.console import Console
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote import files as remote_files
 from llama3_ops.remote import transport
 from llama3_ops.remote.transport import Remote
@@ -68,7 +69,7 @@ IMAGE_MAGIC = (
 )
 
 
-class LlavaError(RuntimeError):
+class LlavaError(Llama3OpsError, RuntimeError):
     pass
 
 

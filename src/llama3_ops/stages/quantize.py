@@ -41,6 +41,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote import files as remote_files
 from llama3_ops.remote import services, transport
 from llama3_ops.remote.services import ServiceSpec
@@ -57,7 +58,7 @@ PROGRESS_RE = re.compile(r"^@@llama3-ops (\{.*\})\s*$")
 PACKED_RE = re.compile(r" weight (packed|skipped)\.\s*$")
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(Llama3OpsError, RuntimeError):
     pass
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote import health, services, transport
 from llama3_ops.remote.connection import SSHError, SSHTarget
 from llama3_ops.remote.ports import DEFAULT_PORT
@@ -32,7 +33,7 @@ ENGINE_ENV = "lmdeploy"  # host.json's env that holds the engine (lmdeploy, or t
 SERVICE_NAME = "llm"
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(Llama3OpsError, ValueError):
     pass
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 
 from rich.console import Console
 
+from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote import health, services, transport, tunnel
 from llama3_ops.remote.connection import SSHError, SSHTarget
 from llama3_ops.remote.files import put_package_file
@@ -48,7 +49,7 @@ BIND = "127.0.0.1"
 # Where each model name comes from, for the message when it is missing.
 
 
-class StageError(RuntimeError):
+class StageError(Llama3OpsError, RuntimeError):
     """A bad input or host state, reported as one clear message; nothing was left running."""
 
 
