@@ -33,7 +33,9 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
       log "making the Llama-3-8B-shaped checkpoint (real config and tokenizer, random bf16 weights)"
       python3 -m llama3_ops.lab.checkpoint "$MODEL" --shape 8b --device cuda
     fi
-    du -sh "$MODEL" ;;
+    du -sh "$MODEL"
+    # shellcheck source=phases.sh
+    (source "$(dirname "$0")/phases.sh" && host_json /tmp/site/bin /tmp/site/bin "$MODEL") ;;
   offline)
     name=$2; shift 2
     log "offline $name: $*"

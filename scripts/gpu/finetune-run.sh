@@ -51,6 +51,7 @@ for phase in $PHASES; do
       # The "llama3 env" the stage probes: the XTuner site in front of the machine's packages.
       run setup python_wrapper "$FTSITE/bin" "$(command -v "$PY" || echo "$PY")" "$FTSITE"
       run setup python_wrapper "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
+      run setup host_json "$SITE/bin" "$FTSITE/bin" "$MODEL"
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       run setup env -u PYTHONPATH "$FTSITE/bin/python" -c "import torch, transformers, xtuner, peft, bitsandbytes as bnb, \
 mmengine, datasets; from bitsandbytes.cextension import lib; \

@@ -31,3 +31,12 @@ python_wrapper() {
   fi
   chmod +x "$bin/python"
 }
+
+# host_json LMDEPLOY_BIN LLAMA3_BIN MODEL_DIR: the host contract (~/llama3-course/host.json) as provisioning
+# writes it, for a machine these side-door scripts set up by hand (the front door runs site.yml instead).
+host_json() {
+  mkdir -p "$HOME/llama3-course" || return
+  printf '{"profile": "device", "user": "%s", "course_dir": "%s/llama3-course", "model_dir": "%s",
+ "model_stamp": "%s.stamp", "envs": {"lmdeploy": "%s", "llama3": "%s"}, "offline": true,
+ "service_manager": "none"}\n' "$(id -un)" "$HOME" "$3" "$3" "$1" "$2" > "$HOME/llama3-course/host.json"
+}

@@ -55,6 +55,7 @@ for phase in $PHASES; do
       run setup "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
       # the env's "python" (chat/quantize probe BIN/python)
       run setup python_wrapper "$SITE/bin" "$(command -v "$PY" || echo "$PY")"
+      run setup host_json "$SITE/bin" "$SITE/bin" "$MODEL"
       run setup nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
       # fail here, not minutes later, if the wheelhouse lacks something the stages import
       run setup "$PY" -c "import lmdeploy, lmdeploy.cli.chat, lmdeploy.lite.apis.auto_awq, llama3_ops.stages.chat, \

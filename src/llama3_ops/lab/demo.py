@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
         console.rule("fab serve --engine transformers  (server on the host's 127.0.0.1:23333)")
         remote = SSHRemote(target)
-        cfg = srv.ServeConfig(engine="transformers", model="base", env_bin_dir="~/envs/lmdeploy/bin")
+        cfg = srv.ServeConfig(engine="transformers", model="base")  # the env: host.json's, as fab serve
         srv.serve(remote, cfg, timeout=300, console=console)
         state = tunnel.up(tunnel.TunnelSpec(target=target, name="demo"))
         console.print(f"tunnel ready: {state.url} -> {target.host}:23333")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         from llama3_ops.stages.finetune import tiny_cpu_finetune
 
         ft_result = tiny_cpu_finetune(remote, console=console)
-        merged = srv.ServeConfig(engine="transformers", model="merged", env_bin_dir="~/envs/lmdeploy/bin",
+        merged = srv.ServeConfig(engine="transformers", model="merged",
                                  name="llm-merged", port=23334)
         ready = srv.serve(remote, merged, timeout=300, console=console).ready
         console.print(Panel(
