@@ -23,7 +23,7 @@ from .conftest import kill_ssh_mid_stream, stream_worker
 
 pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-CFG = srv.ServeConfig(engine="transformers", model="base", env_bin_dir="~/envs/lmdeploy/bin", name="llm")
+CFG = srv.ServeConfig(engine="transformers", model="base", name="llm")
 
 
 LISTENERS = ("python3 -c 'import sys\nfor f in (\"/proc/net/tcp\", \"/proc/net/tcp6\"):\n"

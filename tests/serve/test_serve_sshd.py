@@ -261,7 +261,7 @@ def test_missing_model_path_is_a_clear_error(ssh_target: SSHHost) -> None:
     ):
         serve.serve(ssh_target.remote, cfg)
     assert services.status(ssh_target.remote, "missing").state == "absent"
-    with pytest.raises(serve.ServeConfigError, match=r"llama3_hf_merged does not exist; it is made by the fine-tune stage"):
+    with pytest.raises(serve.ServeConfigError, match=r"llama3_hf_merged does not exist; it is made by the fine-tune"):
         serve.serve(ssh_target.remote, replace(cfg, model="merged", engine="lmdeploy"))
 
 

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
 HOME = "/home/student"
 MERGED = f"{HOME}/model/llama3_hf_merged"
 WORK = f"{HOME}/llama3-course/work_dirs/finetune"
-SERVE = srv.ServeConfig(engine="transformers", model="merged", env_bin_dir="~/envs/lmdeploy/bin",
+SERVE = srv.ServeConfig(engine="transformers", model="merged",
                         name="llm-merged", port=23334)
 
 # Compares one LoRA-targeted weight of the base and the merged model, on the host (llama3 env).

@@ -117,7 +117,7 @@ def test_webdemo_on_the_host_chats_in_chromium_through_the_tunnel(
 def test_webdemo_talks_to_the_fab_serve_server(
     provisioned: Provisioned, remote: transport.SSHRemote, state_dir: Path, tmp_path: Path
 ) -> None:
-    serve_cfg = srv.ServeConfig(engine="transformers", model="base", env_bin_dir="~/envs/lmdeploy/bin")
+    serve_cfg = srv.ServeConfig(engine="transformers", model="base")
     srv.serve(remote, serve_cfg, timeout=300)
     try:
         out = Out()
