@@ -46,6 +46,11 @@ class SSHHost:
     host_key_pub: str
     sshd_pid: int
     is_loopback: bool = True  # the host shares this machine's network stack
+    sshd_log: Path | None = None  # LogLevel INFO: one 'Accepted publickey' line per SSH connection
+
+    def connections(self) -> int:
+        """SSH connections the host's sshd accepted so far."""
+        return self.sshd_log.read_text().count("Accepted publickey") if self.sshd_log else 0
 
 
 def _root_local(cmd: str) -> subprocess.CompletedProcess[str]:
@@ -139,7 +144,7 @@ AllowTcpForwarding yes
 MaxStartups 200:30:400
 MaxSessions 200
 ClientAliveInterval 0
-LogLevel ERROR
+LogLevel INFO
 """
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -175,6 +180,7 @@ LogLevel ERROR
             model_dir=model_dir,
             host_key_pub=" ".join(host_pub[:2]),
             sshd_pid=proc.pid,
+            sshd_log=d / "sshd.log",
         )
         yield host
     finally:

@@ -90,11 +90,21 @@ class LocalRemote:
         )
 
 
+# A unix socket path holds at most 107 bytes; ssh adds "/" + 40 hex (%C) + "." + 16 random characters.
+_SOCKET_ROOM = 107 - 58
+
+
 def control_dir() -> Path:
     """Where the shared connections' sockets live (``$LLAMA3_OPS_SSH_CONTROL_DIR``, default
-    ``~/.cache/llama3-ops/ssh``), created with mode 0700."""
+    ``~/.cache/llama3-ops/ssh``), created with mode 0700. Where that path is too long for a unix
+    socket, ``/tmp/llama3-ops-UID`` (refused unless it is ours and private)."""
     d = Path(os.environ.get(CONTROL_DIR_ENV) or Path.home() / ".cache" / "llama3-ops" / "ssh")
+    if len(os.fsencode(d)) > _SOCKET_ROOM:
+        d = Path(f"/tmp/llama3-ops-{os.getuid()}")
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = d.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise Llama3OpsError(f"{d} (the SSH connection sockets' folder) must be yours and private (chmod 700 {d})")
     return d
 
 
