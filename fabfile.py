@@ -4,25 +4,27 @@
     fab -H gpu1 serve                lmdeploy api_server on the host's 127.0.0.1:23333 + SSH tunnel
     fab -H gpu1 client               streamed chat with the served model, through the tunnel
     fab -H gpu1 status | logs | stop | down
-    fab -H gpu1 chat [--model 4bit]  lmdeploy chat in this terminal, then the GPU memory it held
-    fab -H gpu1 quantize             W4A16 AWQ (course parameters, offline calibration) -> <model>_4bit
-    fab -H gpu1 llava --image F|URL  describe an image with LLaVA-Llama-3 (lmdeploy pipeline)
-    fab -H gpu1 webdemo | agent      the Streamlit chat / the Lagent ReAct demo, tunnelled
-    fab -H gpu1 finetune | agent-finetune    XTuner train -> pth_to_hf -> merge (resumable)
+    fab -H gpu1 webdemo              stage 1: the Streamlit chat, tunnelled
+    fab -H gpu1 finetune             stage 2: XTuner train -> pth_to_hf -> merge (resumable)
+    fab -H gpu1 chat [--model 4bit]  stage 4: lmdeploy chat in this terminal, then the GPU memory it held
+    fab -H gpu1 quantize             stage 4: W4A16 AWQ (course parameters, offline calibration)
+    fab -H gpu1 llava --image F|URL  stage 4: describe an image with LLaVA-Llama-3 (lmdeploy pipeline)
+    fab -H gpu1 agent | agent-finetune    stage 5: the Lagent ReAct demo; the Agent-FLAN fine-tune
 
-Hosts come from the Ansible inventory ($LLAMA3_INVENTORY, default inventory/my.yml).
+Hosts come from the Ansible inventory ($LLAMA3_INVENTORY, default inventory/my.yml). Each task's
+options are defined once, in its stage module (``fab -h TASK`` lists them); an error is one line.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 from fabric import Connection, task
 from rich.console import Console
 
-from llama3_ops.cli import user_errors
+from llama3_ops.errors import user_errors
 from llama3_ops.provision import playbook as provisioning
 from llama3_ops.remote import hosts, services, transport, tunnel
 from llama3_ops.stages import agent as agent_stage
@@ -34,6 +36,7 @@ from llama3_ops.stages import llava as llava_stage
 from llama3_ops.stages import quantize as quantize_stage
 from llama3_ops.stages import serve as srv
 from llama3_ops.stages import webdemo as webdemo_stage
+from llama3_ops.stages.options import Opt, fab_task
 
 console = Console()
 
@@ -42,42 +45,42 @@ def _remote(c: Connection) -> transport.SSHRemote:
     return transport.SSHRemote(hosts.resolve(c.original_host or c.host))
 
 
-@task
+def _host(c: Connection) -> str:
+    return str(c.original_host or c.host)
+
+
+@task(help={"profile": "cpu | course | current | host (default: the inventory's)", "check": "dry run (--check)"})
 @user_errors
 def provision(c: Connection, profile: str = "", check: bool = False) -> None:
-    """Provision the host with site.yml (optionally --profile cpu|course|current, --check)."""
+    """Provision the host with site.yml (ansible-playbook -i $LLAMA3_INVENTORY site.yml --limit HOST)."""
     extra: dict[str, object] | None = {"llama3_profile": profile} if profile else None
     run = provisioning.run_playbook(hosts.default_inventory(), extra_vars=extra, check=check, echo=True,
-                                 limit=c.original_host or c.host)
+                                    limit=_host(c))
     sys.exit(run.rc)
 
 
-@task(help={"model": "base | merged | 4bit | a path on the host", "engine": "lmdeploy (GPU) | transformers (CPU)",
-            "detach": "leave a background tunnel and return", "restart": "restart a server with other settings"})
-@user_errors
-def serve(c: Connection, model: str = "base", engine: str = "lmdeploy", backend: str = "turbomind", tp: int = 1,
-          cache_max_entry_count: float = 0.5, quant_policy: int = 0, max_batch_size: int = 64,
-          session_len: int = 8192, port: int = 23333, local_port: int = 23333, expose: bool = False,
-          env: str = "", restart: bool = False, detach: bool = False) -> None:
-    """Start (or reuse) the model server on the host and open the SSH tunnel to it."""
+def _serve(c: Connection, v: SimpleNamespace) -> None:
     remote = _remote(c)
-    cfg = srv.ServeConfig(engine=engine, model=model, port=port, expose=expose,  # type: ignore[arg-type]
-                          api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, backend=backend,  # type: ignore[arg-type]
-                          tp=tp, cache_max_entry_count=cache_max_entry_count, quant_policy=quant_policy,  # type: ignore[arg-type]
-                          max_batch_size=max_batch_size, session_len=session_len)
-    result = srv.serve(remote, cfg, restart=restart, console=console)
-    spec = tunnel.TunnelSpec(target=remote.target, remote_port=port, local_port=local_port)
+    result = srv.serve(remote, srv.config_from(v), restart=v.restart, console=console)
+    spec = tunnel.TunnelSpec(target=remote.target, remote_port=v.port, local_port=v.local_port)
     model_id = result.ready.model_id if result.ready else "?"
-    if detach:
+    if v.detach:
         state = tunnel.up(spec)
-        console.print(f"API {state.url}/docs  model {model_id!r}  stop: fab -H {c.host} down")
+        console.print(f"API {state.url}/docs  model {model_id!r}  stop: fab -H {c.host} down", markup=False)
         return
     console.print(f"model {model_id!r}; Swagger UI on the local URL below; Ctrl-C closes the tunnel "
-                  f"(the server keeps running: fab -H {c.host} stop)")
+                  f"(the server keeps running: fab -H {c.host} stop)", markup=False)
     sys.exit(tunnel.run_foreground(spec, console=console))
 
 
-@task
+serve = fab_task("serve", "Start (or reuse) the model server on the host and open the SSH tunnel to it.", (
+    *srv.OPTIONS,
+    Opt("local_port", 23333, "the tunnel's local end"),
+    Opt("detach", False, "leave a background tunnel and return"),
+), _serve)
+
+
+@task(help={"local_port": "the tunnel's local end, when none is open yet"})
 @user_errors
 def client(c: Connection, local_port: int = 23333) -> None:
     """Interactive streamed chat through the tunnel (opens one if none is up)."""
@@ -94,7 +97,8 @@ def status(c: Connection) -> None:
     srv.report_status(_remote(c), api_key=os.environ.get(srv.API_KEY_ENV), console=console)
 
 
-@task
+@task(help={"service": "llm (fab serve), webdemo, agent, finetune-train, ...", "lines": "lines to show",
+            "follow": "keep following (--no-follow: print and return)"})
 @user_errors
 def logs(c: Connection, service: str = "llm", lines: int = 50, follow: bool = True) -> None:
     """Tail (and follow) a service's log."""
@@ -103,7 +107,7 @@ def logs(c: Connection, service: str = "llm", lines: int = 50, follow: bool = Tr
     print(services.logs(_remote(c), service, lines=lines))
 
 
-@task
+@task(help={"service": "the service to stop (fab status lists them)"})
 @user_errors
 def stop(c: Connection, service: str = "llm") -> None:
     """Stop a service on the host and check nothing listens on its port any more."""
@@ -113,7 +117,7 @@ def stop(c: Connection, service: str = "llm") -> None:
         raise services.ServiceError(f"no service {service!r} on {remote.label} (services there: "
                                     f"{', '.join(known) or 'none'}); fab -H {c.host} status lists them")
     st = srv.stop(remote, service)
-    console.print(f"{service}: {st.state}")
+    console.print(f"{service}: {st.state}", markup=False)
 
 
 @task
@@ -123,87 +127,66 @@ def down(c: Connection) -> None:
     remote = _remote(c)
     for st in services.list_services(remote):
         srv.stop(remote, st.name)
-        console.print(f"stopped {st.name}")
+        console.print(f"stopped {st.name}", markup=False)
     for name in tunnel.down():
-        console.print(f"closed tunnel {name}")
+        console.print(f"closed tunnel {name}", markup=False)
 
 
-@task(help={"model": "base | merged | 4bit | a path on the host", "backend": "turbomind | pytorch",
-            "cache_max_entry_count": "KV cache share of free GPU memory (course: 0.5, then 0.01)",
-            "env": "bin directory of the host's lmdeploy env"})
-@user_errors
-def chat(c: Connection, model: str = "base", backend: str = "turbomind", cache_max_entry_count: float = 0.0,
-         session_len: int = 0, env: str = "") -> None:
-    """lmdeploy chat on the host in this terminal; then the GPU memory it held (as the course's nvidia-smi)."""
-    cfg = chat_stage.ChatConfig(model=model, backend=backend,  # type: ignore[arg-type]
-                                cache_max_entry_count=cache_max_entry_count or None,
-                                session_len=session_len or None, env_bin_dir=env or None)
-    sys.exit(chat_stage.run_interactive(_remote(c), cfg, console=console))
+def _chat(c: Connection, v: SimpleNamespace) -> None:
+    sys.exit(chat_stage.run_interactive(_remote(c), chat_stage.config_from(v), console=console))
 
 
-@task(help={"model": "base | merged | a path on the host", "out": "default: the model's path + _4bit",
-            "calib_file": "a local UTF-8 text to calibrate on (default: the Python reference text on the host)",
-            "calib_dataset": "lmdeploy's own set instead (needs the Hugging Face Hub)",
-            "force": "quantize again over a finished result", "restart": "replace a running quantization"})
-@user_errors
-def quantize(c: Connection, model: str = "base", out: str = "", calib_file: str = "", calib_dataset: str = "",
-             calib_samples: int = 128, calib_seqlen: int = 1024, w_group_size: int = 128, batch_size: int = 1,
-             env: str = "", force: bool = False, restart: bool = False) -> None:
-    """W4A16 AWQ (lmdeploy auto_awq, offline calibration) into <model>_4bit; then chat/serve --model 4bit."""
-    cfg = quantize_stage.QuantizeConfig(model=model, out=out or None,
-                                        calib_file=Path(calib_file) if calib_file else None,
-                                        calib_dataset=calib_dataset or None, calib_samples=calib_samples,
-                                        calib_seqlen=calib_seqlen, w_group_size=w_group_size,
-                                        batch_size=batch_size, env_bin_dir=env or None, force=force)
-    quantize_stage.quantize(_remote(c), cfg, console=console, restart=restart)
+chat = fab_task("chat", "lmdeploy chat on the host in this terminal; then the GPU memory it held (the course's "
+                "nvidia-smi).", chat_stage.OPTIONS, _chat)
 
 
-@task(help={"image": "a local image file (uploaded) or an http(s) URL",
-            "model": "LLaVA-Llama-3 on the host", "install_llava": "pip install --no-deps the LLaVA repo first"})
-@user_errors
-def llava(c: Connection, image: str, prompt: str = "Describe this image.", model: str = llava_stage.DEFAULT_MODEL,
-          backend: str = "turbomind", env: str = "", install_llava: bool = False,
-          llava_ref: str = "") -> None:
-    """Describe an image with LLaVA-Llama-3 through lmdeploy's pipeline on the host."""
-    cfg = llava_stage.LlavaConfig(image=image, prompt=prompt, model=model, backend=backend,  # type: ignore[arg-type]
-                                  env_bin_dir=env or None, install_llava=install_llava, llava_ref=llava_ref)
+def _quantize(c: Connection, v: SimpleNamespace) -> None:
+    quantize_stage.quantize(_remote(c), quantize_stage.config_from(v), console=console, restart=v.restart)
+
+
+quantize = fab_task("quantize", "W4A16 AWQ (lmdeploy auto_awq, offline calibration) into <model>_4bit; then "
+                    "chat/serve --model 4bit.", (
+    *quantize_stage.OPTIONS, Opt("restart", False, "replace a running quantization")), _quantize)
+
+
+def _llava(c: Connection, v: SimpleNamespace) -> None:
+    cfg = llava_stage.config_from(v, install_llava=v.install_llava, llava_ref=v.llava_ref)
     result = llava_stage.describe(_remote(c), cfg, console=console)
     console.print(result.text, markup=False, highlight=False)
 
 
-@task(help={"model": "base | merged | 4bit | a path on the host (api backend: the served model, for its tokenizer)",
-            "backend": "local (the app loads the model) | api (the fab serve server)",
-            "local_port": "local end of the tunnel (the next free port when busy)",
-            "detach": "leave a background tunnel and return", "restart": "replace a web demo with other settings"})
-@user_errors
-def webdemo(c: Connection, model: str = "base", backend: str = "local", port: int = 8501, local_port: int = 8501,
-            api_port: int = 23333, max_length: int = 8192, env: str = "", restart: bool = False,
-            detach: bool = False) -> None:
-    """The course's Streamlit chat on the host (supervised), tunnelled to local 8501 or the next free port."""
-    cfg = webdemo_stage.StreamlitConfig(model=model, backend=backend, port=port, api_port=api_port,  # type: ignore[arg-type]
-                                        api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None,
-                                        max_length=max_length)
-    sys.exit(webdemo_stage.webdemo(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
-                                   host=c.original_host or c.host, console=console))
+llava = fab_task("llava", "Describe an image with LLaVA-Llama-3 through lmdeploy's pipeline on the host.", (
+    *llava_stage.OPTIONS,
+    Opt("install_llava", False, "pip install --no-deps the LLaVA repo first (lmdeploy 0.4.x)"),
+    Opt("llava_ref", "", "a tag or commit of the LLaVA repo (default: its default branch)"),
+), _llava)
 
 
-@task(help={"model": "base | merged | 4bit | a path on the host", "backend": "local | api (the fab serve server)",
-            "max_turn": "LLM calls per question (lagent's ReAct default 4)",
-            "max_new_tokens": "tokens per step (the slider's start value)",
-            "detach": "leave a background tunnel and return", "restart": "replace an agent demo with other settings"})
-@user_errors
-def agent(c: Connection, model: str = "base", backend: str = "local", port: int = 8502, local_port: int = 8502,
-          api_port: int = 23333, max_turn: int = 4, max_new_tokens: int = 512, env: str = "",
-          restart: bool = False, detach: bool = False) -> None:
-    """The course's Lagent ReAct web demo (ArxivSearch + FinishAction), tunnelled to local 8502 or the next free."""
-    cfg = agent_stage.agent_config(model, backend, port=port, api_port=api_port,
-                                   api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=env or None, max_turn=max_turn,
-                                   max_new_tokens=max_new_tokens)
-    sys.exit(agent_stage.agent(_remote(c), cfg, local_port=local_port, detach=detach, restart=restart,
-                               host=c.original_host or c.host, console=console))
+def _webdemo(c: Connection, v: SimpleNamespace) -> None:
+    cfg = webdemo_stage.StreamlitConfig(model=v.model, backend=v.backend, port=v.port, api_port=v.api_port,
+                                        api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=v.env,
+                                        max_length=v.max_length)
+    sys.exit(webdemo_stage.webdemo(_remote(c), cfg, local_port=v.local_port, detach=v.detach, restart=v.restart,
+                                   host=_host(c), console=console))
 
 
-def _finetune_errors(run: object) -> None:
+webdemo = fab_task("webdemo", "Stage 1: the course's Streamlit chat on the host (supervised), tunnelled to local "
+                   "8501 or the next free port.", webdemo_stage.OPTIONS, _webdemo)
+
+
+def _agent(c: Connection, v: SimpleNamespace) -> None:
+    cfg = agent_stage.agent_config(v.model, v.backend, port=v.port, api_port=v.api_port,
+                                   api_key=os.environ.get(srv.API_KEY_ENV), env_bin_dir=v.env, max_turn=v.max_turn,
+                                   max_new_tokens=v.max_new_tokens)
+    sys.exit(agent_stage.agent(_remote(c), cfg, local_port=v.local_port, detach=v.detach, restart=v.restart,
+                               host=_host(c), console=console))
+
+
+agent = fab_task("agent", "Stage 5: the course's Lagent ReAct web demo (ArxivSearch + FinishAction), tunnelled to "
+                 "local 8502 or the next free port.", agent_stage.OPTIONS, _agent)
+
+
+def _detachable(run: object) -> None:
     try:
         run()  # type: ignore[operator]
     except ft.FinetuneDetached as exc:
@@ -211,31 +194,9 @@ def _finetune_errors(run: object) -> None:
         sys.exit(130)
 
 
-@task(help={"name": "the assistant's name the dataset teaches (course: SmartFlowAI)",
-            "count": "identical records in the dataset (course: 2000)",
-            "system": "system prompt of the records (default: the course's)",
-            "base_model": "base | a model path on the host",
-            "device": "auto | gpu | cpu (cpu: LoRA instead of QLoRA, --cpu-iters iterations)",
-            "max_iters": "a short GPU run of N iterations (0: the course's 3 epochs)",
-            "until": "train | convert | merge (default merge: all the way)"})
-@user_errors
-def finetune(c: Connection, name: str = "SmartFlowAI", count: int = 2000, system: str = "", base_model: str = "base",
-             device: str = "auto", cpu_iters: int = 4, max_iters: int = 0, until: str = "merge") -> None:
-    """Self-cognition fine-tune: dataset, xtuner train, pth_to_hf, merge into ~/model/llama3_hf_merged."""
-    _finetune_errors(lambda: ft.run_finetune(
-        _remote(c), name=name, count=count, system=system or None, base_model=base_model,
-        device=device, cpu_iters=cpu_iters, max_iters=max_iters, until=until, console=console))  # type: ignore[arg-type]
-
-
-@task(help={"data_dir": "Agent-FLAN's data/ folder on the host",
-            "upload": "a local folder with Agent-FLAN's *.jsonl, uploaded instead",
-            "base_model": "base | a model path on the host", "device": "auto | gpu | cpu",
-            "max_iters": "a short GPU run of N iterations (0: the course's 3 epochs)",
-            "until": "train | convert | merge"})
-@user_errors
-def agent_finetune(c: Connection, data_dir: str = "~/Agent-FLAN/data", upload: str = "", base_model: str = "base",
-                   device: str = "auto", cpu_iters: int = 2, max_iters: int = 0, until: str = "merge") -> None:
-    """Agent-FLAN fine-tune (LoRA r=64, max_length 4096), convert, merge into ~/model/llama3_agent_flan_merged."""
-    _finetune_errors(lambda: agent_ft.run_agent_finetune(
-        _remote(c), data_dir=data_dir, upload=Path(upload) if upload else None, base_model=base_model,
-        device=device, cpu_iters=cpu_iters, max_iters=max_iters, until=until, console=console))  # type: ignore[arg-type]
+finetune = fab_task("finetune", "Stage 2: self-cognition fine-tune: dataset, xtuner train, pth_to_hf, merge into "
+                    "~/model/llama3_hf_merged.", ft.OPTIONS,
+                    lambda c, v: _detachable(lambda: ft.finetune_from(_remote(c), v, console)))
+agent_finetune = fab_task("agent-finetune", "Stage 5: Agent-FLAN fine-tune (LoRA r=64, max_length 4096), convert, "
+                          "merge into ~/model/llama3_agent_flan_merged.", agent_ft.OPTIONS,
+                          lambda c, v: _detachable(lambda: agent_ft.agent_finetune_from(_remote(c), v, console)))

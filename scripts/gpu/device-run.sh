@@ -51,7 +51,7 @@ transformers.__version__, 'lmdeploy', lmdeploy.__version__)" | tee -a "$WORK/res
     name=$2; shift 2
     log "serve $name: $*"
     python3 -m llama3_ops.stages.serve --local up --engine lmdeploy --backend pytorch --model "$PWD/$MODEL" \
-      --env-bin-dir /tmp/site/bin --env "PYTHONPATH=$PYTHONPATH" "$@" 2>&1 | tee "$WORK/results/serve-$name.log" | tail -5
+      --env /tmp/site/bin --setenv "PYTHONPATH=$PYTHONPATH" "$@" 2>&1 | tee "$WORK/results/serve-$name.log" | tail -5
     model_id=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
     sampler=$(gpu_sampler "$WORK/results/gpu-util-online-$name.csv")
     for c in ${CONCURRENCY:-256 512}; do

@@ -87,7 +87,7 @@ print('xtuner', xtuner.__version__, 'transformers', transformers.__version__, 'p
     serve)
       log "serve the merged model (fab serve --model merged's code path) and ask it once"
       run serve "$PY" -m llama3_ops.stages.serve --local up --engine lmdeploy --backend pytorch --model merged \
-        --env-bin-dir "$SITE/bin" --env "PYTHONPATH=$PYTHONPATH" --timeout 300 || true
+        --env "$SITE/bin" --setenv "PYTHONPATH=$PYTHONPATH" --timeout 300 || true
       run serve "$PY" - <<'PY'
 import json, time, urllib.request
 base = "http://127.0.0.1:23333"

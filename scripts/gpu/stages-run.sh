@@ -39,7 +39,7 @@ CACHE=${CACHE:-0.01}
 RES=$WORK/stages
 PY=${PYTHON:-python3}
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 PATH=$SITE/bin:$PATH
-ENV_ARGS=(--env-bin-dir "$SITE/bin" --env "PYTHONPATH=$PYTHONPATH")
+ENV_ARGS=(--env "$SITE/bin" --setenv "PYTHONPATH=$PYTHONPATH")
 QUESTION="Please introduce yourself."
 
 PHASE_LOG=$OUT/stages-

@@ -19,7 +19,7 @@ TPS=${TPS:-1 2}
 # The same variables, handed to the served environment.
 ENVS=()
 for v in NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS LMDEPLOY_EXECUTOR_BACKEND; do
-  ENVS+=(--env "$v=${!v}")
+  ENVS+=(--setenv "$v=${!v}")
 done
 t0=$(date +%s)
 phase() {  # phase LIMIT_S CMD... : run, record rc and seconds, pack

@@ -8,20 +8,10 @@ way an error the user can act on (:class:`~llama3_ops.errors.Llama3OpsError`) is
 
 from __future__ import annotations
 
-import functools
 import importlib
-import logging
-import os
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
-from rich.console import Console
-
-from llama3_ops.errors import Llama3OpsError
-
-DEBUG_ENV = "LLAMA3_OPS_DEBUG"
-F = TypeVar("F", bound=Callable[..., Any])
+from llama3_ops.errors import Llama3OpsError, debug_wanted, report
 
 # llama3-ops COMMAND -> the module whose main(argv) it runs (python -m MODULE is the same command).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,33 +24,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("llama3_ops.bench.cli", "the course's throughput benchmark (online | offline | workload | check)"),
     "tunnel": ("llama3_ops.remote.tunnel", "the SSH tunnels on this machine: status | down"),
 }
-
-
-def debug_wanted() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or logging.getLogger().isEnabledFor(logging.DEBUG)
-
-
-def report(exc: Llama3OpsError, console: Console | None = None) -> int:
-    """Print ``error: MESSAGE`` (never parsed as markup) and return the exit code."""
-    (console or Console(stderr=True)).print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-    return exc.exit_code
-
-
-def user_errors(fn: F) -> F:
-    """Run ``fn``; a :class:`Llama3OpsError` becomes one line and exit 1, Ctrl-C exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Llama3OpsError as exc:
-            if debug_wanted():
-                raise
-            sys.exit(report(exc))
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def usage() -> str:

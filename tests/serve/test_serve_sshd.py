@@ -289,7 +289,7 @@ def test_server_dying_at_startup_leaves_nothing_behind(ssh_target: SSHHost) -> N
             "--host", t.host, "--user", t.user, "--ssh-port", str(t.port),
             "--key", str(t.key_file), "--known-hosts", str(t.known_hosts),
             "up", "--engine", "transformers", "--model", bogus, "--port", str(port),
-            "--env-bin-dir", ssh_target.env_bin_dir, "--name", "bogus", "--timeout", "120",
+            "--env", ssh_target.env_bin_dir, "--name", "bogus", "--timeout", "120",
         ],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip

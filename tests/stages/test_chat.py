@@ -344,7 +344,7 @@ def test_chat_main_is_the_device_code_path(tmp_path: Path, tiny_model: Path, mon
     monkeypatch.setenv("PATH", remote.env["PATH"])  # type: ignore[index]
     out = tmp_path / "chat.json"
     rc = chat.main(["--local", "--model", str(model), "--backend", "pytorch", "--cache-max-entry-count", "0.01",
-                    "--session-len", "512", "--env-bin-dir", str(home / "envs/lmdeploy/bin"), "--env", "FOO=bar",
+                    "--session-len", "512", "--env", str(home / "envs/lmdeploy/bin"), "--setenv", "FOO=bar",
                     "--question", "Please introduce yourself.", "--timeout", "60", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -354,7 +354,7 @@ def test_chat_main_is_the_device_code_path(tmp_path: Path, tiny_model: Path, mon
                                    "--tp 1 --cache-max-entry-count 0.01 --session-len 512")
     # a missing model is one clear line and exit 1
     bin_dir = str(home / "envs/lmdeploy/bin")
-    assert chat.main(["--local", "--model", str(tmp_path / "nope"), "--env-bin-dir", bin_dir]) == 1
+    assert chat.main(["--local", "--model", str(tmp_path / "nope"), "--env", bin_dir]) == 1
 
 
 @pytest.mark.sshd

@@ -218,7 +218,7 @@ def test_local_main_reports_a_small_gpu_once(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("PATH", f"{bin_dir}:{base_path()}")
     out = tmp_path / "llava.json"
     rc = llava.main(["--local", "--image", str(_png(tmp_path / "a.png")), "--backend", "pytorch",
-                     "--env-bin-dir", str(bin_dir), "--json", str(out)])
+                     "--env", str(bin_dir), "--json", str(out)])
     assert rc == 1
     assert "stage llava needs ~18 GiB of GPU memory" in json.loads(out.read_text())["error"]
     assert "error: stage llava needs ~18 GiB" in " ".join(capsys.readouterr().err.split())

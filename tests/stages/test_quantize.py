@@ -299,7 +299,7 @@ def test_quantize_main_is_the_device_code_path(tmp_path: Path, small_model: Path
     monkeypatch.setenv("HOME", str(home))
     out_json = tmp_path / "q.json"
     rc = quantize.main(["--local", "--model", str(model), "--calib-samples", "4", "--calib-seqlen", "128",
-                        "--env-bin-dir", str(py.parent), "--env", "OMP_NUM_THREADS=1", "--device", "cpu",
+                        "--env", str(py.parent), "--setenv", "OMP_NUM_THREADS=1", "--device", "cpu",
                         "--no-gpu-check", "--force", "--timeout", "600", "--json", str(out_json)])
     assert rc == 0
     res = json.loads(out_json.read_text())

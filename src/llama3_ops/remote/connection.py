@@ -177,7 +177,8 @@ def inventory_hostvars(inventory: str | Path, host_name: str) -> dict[str, Any]:
         check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"ansible-inventory -i {inventory} --list failed: {proc.stderr.strip()[-2000:]}")
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise Llama3OpsError(f"ansible-inventory -i {inventory} --list failed ({last}): fix the inventory file")
     data = json.loads(proc.stdout)
     hostvars: dict[str, dict[str, Any]] = data.get("_meta", {}).get("hostvars", {})
     all_hosts: set[str] = set(hostvars)

@@ -17,7 +17,8 @@ from __future__ import annotations
 from rich.console import Console
 
 from llama3_ops.remote import transport
-from llama3_ops.stages.webdemo import StageError, StreamlitApp, StreamlitConfig, run_stage
+from llama3_ops.stages.options import Opt
+from llama3_ops.stages.webdemo import StageError, StreamlitApp, StreamlitConfig, app_options, run_stage
 
 DEFAULT_PORT = 8502
 
@@ -27,6 +28,13 @@ AGENT_APP = StreamlitApp(
     remote_dir="~/llama3-course/agent",
     title="Lagent Web Demo",
     imports=("streamlit", "transformers", "torch", "lagent", "arxiv"),
+)
+
+
+OPTIONS: tuple[Opt, ...] = (
+    *app_options(DEFAULT_PORT, "local: the app loads the model; api: its LLM calls go to fab serve's server"),
+    Opt("max_turn", 4, "LLM calls per question (lagent's ReAct default)"),
+    Opt("max_new_tokens", 512, "tokens per step (the slider's start value)"),
 )
 
 

@@ -29,6 +29,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -44,6 +45,7 @@ from llama3_ops.stages.finetune import (
     HostInfo,
     Job,
     Step,
+    job_options,
     local_main,
     local_parser,
     read_json,
@@ -53,6 +55,7 @@ from llama3_ops.stages.finetune import (
     upload_host_files,
 )
 from llama3_ops.stages.finetune_config import AGENT_FLAN, ConfigError, TrainParams
+from llama3_ops.stages.options import Opt
 
 DEFAULT_DATA_DIR = "~/Agent-FLAN/data"
 MERGED_NAME = "llama3_agent_flan_merged"  # beside the base model
@@ -179,15 +182,25 @@ def run_agent_finetune(
                cpu_iters=cpu_iters, env_bin=env_bin, console=console, on_progress=on_progress, until=until)
 
 
+# fab agent-finetune and `python -m llama3_ops.stages.agent_finetune --local` take these.
+OPTIONS: tuple[Opt, ...] = (
+    Opt("data_dir", DEFAULT_DATA_DIR, "Agent-FLAN's data/ folder on the host"),
+    Opt("upload", None, "a local folder with Agent-FLAN's *.jsonl, uploaded instead"),
+    *job_options(cpu_iters=2),
+)
+
+
+def agent_finetune_from(remote: Remote, v: Any, console: Console | None = None) -> FinetuneResult:
+    """``fab agent-finetune`` with :data:`OPTIONS`' values."""
+    return run_agent_finetune(remote, data_dir=v.data_dir, upload=Path(v.upload) if v.upload else None,
+                              base_model=v.base_model, device=v.device, cpu_iters=v.cpu_iters,
+                              max_iters=v.max_iters, until=v.until, env_bin=v.env, console=console)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m llama3_ops.stages.agent_finetune --local [options]`` (the device run)."""
-    ap = local_parser("python -m llama3_ops.stages.agent_finetune", "agent-finetune", cpu_iters=2)
-    ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    ap.add_argument("--upload", type=Path, help="a local folder of Agent-FLAN *.jsonl, copied in")
-    a = ap.parse_args(argv)
-    return local_main(a.json, lambda remote, con: run_agent_finetune(
-        remote, data_dir=a.data_dir, upload=a.upload, base_model=a.base_model, device=a.device,
-        cpu_iters=a.cpu_iters, max_iters=a.max_iters, until=a.until, env_bin=a.env_bin, console=con))
+    a = local_parser("python -m llama3_ops.stages.agent_finetune", "agent-finetune", OPTIONS).parse_args(argv)
+    return local_main(a.json, lambda remote, con: agent_finetune_from(remote, a, con))
 
 
 if __name__ == "__main__":

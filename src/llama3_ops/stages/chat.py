@@ -41,6 +41,7 @@ from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.host import read_host
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
+from llama3_ops.stages.options import Opt, add_to
 
 SESSION_SCRIPT = "chat_session.sh"
 REPORT_DIR = "~/.local/state/llama3-ops/chat"
@@ -49,6 +50,22 @@ COURSE_MIB = {"chat": 16176}  # the course's nvidia-smi reading with --cache-max
 
 class ChatConfigError(Llama3OpsError, ValueError):
     pass
+
+
+# fab chat and `python -m llama3_ops.stages.chat --local` take these (llama3_ops.stages.options).
+OPTIONS: tuple[Opt, ...] = (
+    Opt("model", "base", "base | merged | 4bit | a path on the host"),
+    Opt("backend", "turbomind", "lmdeploy's engine", choices=("turbomind", "pytorch")),
+    Opt("cache_max_entry_count", None, "the KV cache's share of free GPU memory (course: 0.5, then 0.01)",
+        kind=float),
+    Opt("session_len", None, "tokens per session (default: the model's)", kind=int),
+    Opt("env", None, "bin directory of the lmdeploy env (default: host.json's)"),
+)
+
+
+def config_from(v: Any, **more: Any) -> ChatConfig:
+    return ChatConfig(model=v.model, backend=v.backend, cache_max_entry_count=v.cache_max_entry_count,
+                      session_len=v.session_len, env_bin_dir=v.env, **more)
 
 
 @dataclass(frozen=True)
@@ -243,12 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     """``python -m llama3_ops.stages.chat --local [--model M] [--question Q ...]`` (the device run)."""
     p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.chat")
     p.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
-    p.add_argument("--model", default="base")
-    p.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
-    p.add_argument("--cache-max-entry-count", type=float)
-    p.add_argument("--session-len", type=int)
-    p.add_argument("--env-bin-dir", help="the lmdeploy env\'s bin dir (default: host.json\'s)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    add_to(p, OPTIONS)
+    p.add_argument("--setenv", action="append", default=[], metavar="KEY=VALUE", help="the chat's environment")
     p.add_argument("--question", action="append", default=[])
     p.add_argument("--no-gpu-check", action="store_true")
     p.add_argument("--json", help="write the result here")
@@ -259,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     con = Console(stderr=True)
-    cfg = ChatConfig(model=args.model, backend=args.backend, cache_max_entry_count=args.cache_max_entry_count,
-                     session_len=args.session_len, env_bin_dir=args.env_bin_dir,
-                     env=dict(e.split("=", 1) for e in args.env), check_gpu=not args.no_gpu_check)
+    cfg = config_from(args, env=dict(e.split("=", 1) for e in args.setenv), check_gpu=not args.no_gpu_check)
     try:
         res = run_batch(transport.LocalRemote(), cfg, args.question or ["Hello, who are you?"], timeout=args.timeout,
                         console=con)

@@ -69,6 +69,7 @@ from llama3_ops.stages.finetune_data import SelfCognition
 from llama3_ops.stages.gpu import GPUCheckError, NoGPUError, check_disk, check_stage, query_gpus
 from llama3_ops.stages.host import MERGED_NAME, Host
 from llama3_ops.stages.host import read_host as read_contract
+from llama3_ops.stages.options import Opt, add_to
 
 PACKAGE = "llama3_ops.stages"
 TRAIN_ENV = "llama3"  # host.json's env with XTuner
@@ -697,18 +698,42 @@ def tiny_cpu_finetune(remote: Remote, console: Console | None = None) -> Finetun
     return run_finetune(remote, count=50, device="cpu", cpu_iters=4, console=console)
 
 
-def local_parser(prog: str, task: str, cpu_iters: int) -> argparse.ArgumentParser:
-    """The options every fine-tune job's ``--local`` entry point shares (the device runs)."""
+def job_options(cpu_iters: int) -> tuple[Opt, ...]:
+    """What every fine-tune job's fab task and ``--local`` entry point take (llama3_ops.stages.options)."""
+    return (
+        Opt("base_model", "base", "base | a model path on the host"),
+        Opt("device", "auto", "where to train (cpu: LoRA instead of QLoRA, --cpu-iters iterations)",
+            choices=("auto", "gpu", "cpu")),
+        Opt("max_iters", 0, "a short GPU run of N iterations (0: the course's 3 epochs)"),
+        Opt("cpu_iters", cpu_iters, "iterations of a CPU run"),
+        Opt("until", "merge", "the last step to run", choices=STEPS),
+        Opt("env", None, "bin directory of the env with XTuner (default: host.json's llama3 env)"),
+    )
+
+
+# fab finetune and `python -m llama3_ops.stages.finetune --local` take these.
+OPTIONS: tuple[Opt, ...] = (
+    Opt("name", "SmartFlowAI", "the assistant's name the dataset teaches"),
+    Opt("count", 2000, "identical records in the dataset"),
+    Opt("system", None, "system prompt of the records (default: the course's)"),
+    *job_options(cpu_iters=4),
+)
+
+
+def local_parser(prog: str, task: str, options: tuple[Opt, ...]) -> argparse.ArgumentParser:
+    """A fine-tune job's ``--local`` entry point (the device runs): its options, ``--local`` and ``--json``."""
     ap = argparse.ArgumentParser(prog=prog, description=f"fab {task} on this machine (needs ~/llama3-course/host.json)")
     ap.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
-    ap.add_argument("--base-model", default="base")
-    ap.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
-    ap.add_argument("--max-iters", type=int, default=0, help="a short GPU run (0: the course's 3 epochs)")
-    ap.add_argument("--cpu-iters", type=int, default=cpu_iters)
-    ap.add_argument("--until", default="merge", choices=list(STEPS))
-    ap.add_argument("--env-bin", help="bin dir of the env with XTuner (default: host.json's llama3 env)")
+    add_to(ap, options)
     ap.add_argument("--json", help="write the result here")
     return ap
+
+
+def finetune_from(remote: Remote, v: Any, console: Console | None = None) -> FinetuneResult:
+    """``fab finetune`` with :data:`OPTIONS`' values."""
+    return run_finetune(remote, name=v.name, count=v.count, system=v.system, base_model=v.base_model,
+                        device=v.device, cpu_iters=v.cpu_iters, max_iters=v.max_iters, until=v.until,
+                        env_bin=v.env, console=console)
 
 
 def local_main(json_path: str | None, call: Callable[[Remote, Console], FinetuneResult]) -> int:
@@ -729,18 +754,29 @@ def local_main(json_path: str | None, call: Callable[[Remote, Console], Finetune
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m llama3_ops.stages.finetune --local [options]`` (the device run)."""
-    ap = local_parser("python -m llama3_ops.stages.finetune", "finetune", cpu_iters=4)
-    ap.add_argument("--name", default="SmartFlowAI")
-    ap.add_argument("--count", type=int, default=2000)
-    a = ap.parse_args(argv)
-    return local_main(a.json, lambda remote, con: run_finetune(
-        remote, name=a.name, count=a.count, base_model=a.base_model, device=a.device, cpu_iters=a.cpu_iters,
-        max_iters=a.max_iters, until=a.until, env_bin=a.env_bin, console=con))
+    a = local_parser("python -m llama3_ops.stages.finetune", "finetune", OPTIONS).parse_args(argv)
+    return local_main(a.json, lambda remote, con: finetune_from(remote, a, con))
 
 
 __all__: Sequence[str] = (
-    "AGENT_FLAN", "COURSE", "FinetuneDetached", "FinetuneError", "FinetuneResult", "HostInfo", "Job",
-    "local_main", "local_parser", "main", "merged_ready", "read_host", "run", "run_finetune", "self_cognition_job",
+    "AGENT_FLAN",
+    "COURSE",
+    "OPTIONS",
+    "FinetuneDetached",
+    "FinetuneError",
+    "FinetuneResult",
+    "HostInfo",
+    "Job",
+    "finetune_from",
+    "job_options",
+    "local_main",
+    "local_parser",
+    "main",
+    "merged_ready",
+    "read_host",
+    "run",
+    "run_finetune",
+    "self_cognition_job",
     "tiny_cpu_finetune",
 )
 

@@ -49,6 +49,7 @@ from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.host import read_host
 from llama3_ops.stages.lm_models import STAGE_FILES_DIR, HostModel, LmdeployEnv, ModelError, check_model, probe_env
+from llama3_ops.stages.options import Opt, add_to
 
 SCRIPT = "llava_describe.py"
 DEFAULT_MODEL = "~/model/llava-llama-3-8b-v1_1-hf"
@@ -71,6 +72,28 @@ IMAGE_MAGIC = (
 
 class LlavaError(Llama3OpsError, RuntimeError):
     pass
+
+
+# fab llava and `python -m llama3_ops.stages.llava --local` take these (llama3_ops.stages.options).
+OPTIONS: tuple[Opt, ...] = (
+    Opt("image", None, "a local image file (uploaded) or an http(s) URL"),
+    Opt("prompt", "Describe this image.", "what to ask about the image"),
+    Opt("model", DEFAULT_MODEL, "LLaVA-Llama-3 on the host (a path)"),
+    Opt("backend", "turbomind", "lmdeploy's engine", choices=("turbomind", "pytorch")),
+    Opt("session_len", 8192, "tokens per session (an image takes 576)"),
+    Opt("cache_max_entry_count", None, "the KV cache's share of free GPU memory", kind=float),
+    Opt("max_new_tokens", 512, "tokens of the answer at most"),
+    Opt("env", None, "bin directory of the lmdeploy env (default: host.json's)"),
+    Opt("log_level", "ERROR", "lmdeploy's log level", choices=LOG_LEVELS),
+)
+
+
+def config_from(v: Any, **more: Any) -> LlavaConfig:
+    if not v.image:
+        raise LlavaError("--image is required: a local image file or an http(s) URL")
+    return LlavaConfig(image=v.image, prompt=v.prompt, model=v.model, backend=v.backend, session_len=v.session_len,
+                       cache_max_entry_count=v.cache_max_entry_count, max_new_tokens=v.max_new_tokens,
+                       env_bin_dir=v.env, log_level=v.log_level, **more)
 
 
 @dataclass(frozen=True)
@@ -283,28 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     """``python -m llama3_ops.stages.llava --local --image FILE [options]`` (the device run)."""
     p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.llava")
     p.add_argument("--local", action="store_true", required=True, help="run on this machine (LocalRemote)")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", default="Describe this image.")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
-    p.add_argument("--session-len", type=int, default=8192)
-    p.add_argument("--cache-max-entry-count", type=float)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--env-bin-dir", help="the lmdeploy env\'s bin dir (default: host.json\'s)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    add_to(p, OPTIONS)
+    p.add_argument("--setenv", action="append", default=[], metavar="KEY=VALUE", help="the run's environment")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--log-level", default="ERROR", choices=LOG_LEVELS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     con = Console(stderr=True)
-    cfg = LlavaConfig(image=args.image, prompt=args.prompt, model=args.model, backend=args.backend,
-                      session_len=args.session_len, cache_max_entry_count=args.cache_max_entry_count,
-                      max_new_tokens=args.max_new_tokens, env_bin_dir=args.env_bin_dir, timeout=args.timeout,
-                      env=dict(e.split("=", 1) for e in args.env), log_level=args.log_level)
+    cfg = config_from(args, timeout=args.timeout, env=dict(e.split("=", 1) for e in args.setenv))
     t0 = time.monotonic()
     try:
         res = describe(transport.LocalRemote(), cfg, console=con)

@@ -49,6 +49,7 @@ from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.host import AWQ_SUFFIX, Host, read_host
 from llama3_ops.stages.lm_models import AWQ_MARKER, STAGE_FILES_DIR, LmdeployEnv, check_model, probe_env
+from llama3_ops.stages.options import Opt, add_to
 
 SERVICE = "quantize"
 SCRIPT = "awq_offline.py"
@@ -60,6 +61,28 @@ PACKED_RE = re.compile(r" weight (packed|skipped)\.\s*$")
 
 class QuantizeError(Llama3OpsError, RuntimeError):
     pass
+
+
+# fab quantize and `python -m llama3_ops.stages.quantize --local` take these (llama3_ops.stages.options).
+OPTIONS: tuple[Opt, ...] = (
+    Opt("model", "base", "base | merged | a path on the host"),
+    Opt("out", None, "where the 4-bit model goes (default: the model's path + _4bit)"),
+    Opt("calib_file", None, "a local UTF-8 text to calibrate on (default: the Python reference text on the host)"),
+    Opt("calib_dataset", None, "lmdeploy's own calibration set instead (needs the Hugging Face Hub)"),
+    Opt("calib_samples", 128, "calibration samples"),
+    Opt("calib_seqlen", 1024, "tokens per calibration sample"),
+    Opt("w_group_size", 128, "weights per quantization group", choices=(32, 64, 128)),
+    Opt("batch_size", 1, "calibration batch size"),
+    Opt("env", None, "bin directory of the lmdeploy env (default: host.json's)"),
+    Opt("force", False, "quantize again over a finished result"),
+)
+
+
+def config_from(v: Any, **more: Any) -> QuantizeConfig:
+    return QuantizeConfig(model=v.model, out=v.out, calib_file=Path(v.calib_file) if v.calib_file else None,
+                          calib_dataset=v.calib_dataset, calib_samples=v.calib_samples, calib_seqlen=v.calib_seqlen,
+                          w_group_size=v.w_group_size, batch_size=v.batch_size, env_bin_dir=v.env, force=v.force,
+                          **more)
 
 
 @dataclass(frozen=True)
@@ -347,18 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     """``python -m llama3_ops.stages.quantize --local [options]`` (the device run)."""
     ap = argparse.ArgumentParser(prog="python -m llama3_ops.stages.quantize")
     ap.add_argument("--local", action="store_true", required=True)
-    ap.add_argument("--model", default="base")
-    ap.add_argument("--out")
-    ap.add_argument("--calib-file", type=Path)
-    ap.add_argument("--calib-dataset")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=1024)
-    ap.add_argument("--w-group-size", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=1)
+    add_to(ap, OPTIONS)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--env-bin-dir", help="the lmdeploy env\'s bin dir (default: host.json\'s)")
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--setenv", action="append", default=[], metavar="KEY=VALUE", help="the run's environment")
     ap.add_argument("--no-gpu-check", action="store_true")
     ap.add_argument("--timeout", type=float, default=4 * 3600.0)
     ap.add_argument("--json")
@@ -368,10 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     con = Console(stderr=True)
-    cfg = QuantizeConfig(model=a.model, out=a.out, calib_file=a.calib_file, calib_dataset=a.calib_dataset,
-                         calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, w_group_size=a.w_group_size,
-                         batch_size=a.batch_size, device=a.device, env_bin_dir=a.env_bin_dir, force=a.force,
-                         check_gpu=not a.no_gpu_check, env=dict(e.split("=", 1) for e in a.env))
+    cfg = config_from(a, device=a.device, check_gpu=not a.no_gpu_check, env=dict(e.split("=", 1) for e in a.setenv))
     from llama3_ops.stages.lm_models import ModelError
 
     try:

@@ -19,18 +19,36 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from llama3_ops.errors import Llama3OpsError
+from llama3_ops.errors import Llama3OpsError, report
 from llama3_ops.remote import health, services, transport
-from llama3_ops.remote.connection import SSHError, SSHTarget
+from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import DEFAULT_PORT
 from llama3_ops.remote.services import Arg, Secret, ServiceSpec, ServiceStatus
 from llama3_ops.remote.transport import Remote
 from llama3_ops.stages import gpu
 from llama3_ops.stages.host import Host, read_host
+from llama3_ops.stages.options import Opt, add_to
 
 API_KEY_ENV = "LLAMA3_OPS_API_KEY"
 ENGINE_ENV = "lmdeploy"  # host.json's env that holds the engine (lmdeploy, or transformers on the cpu profile)
 SERVICE_NAME = "llm"
+
+# fab serve and `python -m llama3_ops.stages.serve up` take these (llama3_ops.stages.options).
+OPTIONS: tuple[Opt, ...] = (
+    Opt("model", "base", "base | merged | 4bit | a path on the host"),
+    Opt("engine", "lmdeploy", "the server: lmdeploy (GPU) or transformers serve (CPU)",
+        choices=("lmdeploy", "transformers")),
+    Opt("backend", "turbomind", "lmdeploy's engine", choices=("turbomind", "pytorch")),
+    Opt("tp", 1, "GPUs for tensor parallelism (a power of two)"),
+    Opt("cache_max_entry_count", 0.5, "the KV cache's share of free GPU memory"),
+    Opt("quant_policy", 0, "KV cache quantization: 0 none, 4 int4, 8 int8, 16 fp8", choices=(0, 4, 8, 16)),
+    Opt("max_batch_size", 64, "requests the engine batches at most"),
+    Opt("session_len", 8192, "tokens per session (prompt and answer)"),
+    Opt("port", DEFAULT_PORT, "the server's port on the host's 127.0.0.1"),
+    Opt("expose", False, f"bind 0.0.0.0 instead of 127.0.0.1: needs an API key in ${API_KEY_ENV}"),
+    Opt("env", None, "bin directory of the env with the engine (default: host.json's lmdeploy env)"),
+    Opt("restart", False, "replace a server that runs with other settings"),
+)
 
 
 class ServeConfigError(Llama3OpsError, ValueError):
@@ -83,6 +101,14 @@ class ServeConfig:
             raise ServeConfigError(f"--tp must be a power of two (1, 2, 4, 8), as lmdeploy requires; got {self.tp}")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ServeConfigError("cache_max_entry_count must be in (0, 1]")
+
+
+def config_from(v: Any, **more: Any) -> ServeConfig:
+    """A :class:`ServeConfig` from :data:`OPTIONS`' values (the API key from ``$LLAMA3_OPS_API_KEY``)."""
+    return ServeConfig(engine=v.engine, model=v.model, port=v.port, expose=v.expose, env_bin_dir=v.env,
+                       backend=v.backend, tp=v.tp, cache_max_entry_count=v.cache_max_entry_count,
+                       quant_policy=v.quant_policy, max_batch_size=v.max_batch_size, session_len=v.session_len,
+                       **{"api_key": os.environ.get(API_KEY_ENV) or None, **more})
 
 
 def build_spec(cfg: ServeConfig, host: Host) -> ServiceSpec:
@@ -311,23 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--known-hosts")
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
-    up.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"])
-    up.add_argument("--model", default="base")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
-    up.add_argument("--env-bin-dir", help="the engine env's bin dir (default: host.json's lmdeploy env)")
-    up.add_argument("--backend", default="turbomind", choices=["turbomind", "pytorch"])
-    up.add_argument("--tp", type=int, default=1)
-    up.add_argument("--cache-max-entry-count", type=float, default=0.5)
-    up.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8, 16])
-    up.add_argument("--max-batch-size", type=int, default=64)
-    up.add_argument("--session-len", type=int, default=8192)
+    add_to(up, OPTIONS)
     up.add_argument("--log-level", default="ERROR")
     up.add_argument("--extra-arg", action="append", default=[],
                     help="another engine flag, passed through (repeat; e.g. --extra-arg=--max-prefill-token-num)")
-    up.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server environment")
-    up.add_argument("--expose", action="store_true")
+    up.add_argument("--setenv", action="append", default=[], metavar="KEY=VALUE", help="server environment")
     up.add_argument("--api-key-env", default=API_KEY_ENV, help="read the API key from this env var")
-    up.add_argument("--restart", action="store_true")
     up.add_argument("--timeout", type=float, default=900.0)
     up.add_argument("--name", default=SERVICE_NAME)
     for name in ("status", "stop", "logs"):
@@ -341,24 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     remote: Remote = transport.LocalRemote() if args.local else transport.SSHRemote(target_from_args(args))
     try:
         if args.cmd == "up":
-            cfg = ServeConfig(
-                engine=args.engine,
-                model=args.model,
-                port=args.port,
-                env_bin_dir=args.env_bin_dir,
-                backend=args.backend,
-                tp=args.tp,
-                cache_max_entry_count=args.cache_max_entry_count,
-                quant_policy=args.quant_policy,
-                max_batch_size=args.max_batch_size,
-                session_len=args.session_len,
-                log_level=args.log_level or None,
-                extra_args=tuple(args.extra_arg),
-                env=dict(e.split("=", 1) for e in args.env),
-                expose=args.expose,
-                api_key=os.environ.get(args.api_key_env) or None,
-                name=args.name,
-            )
+            cfg = config_from(args, log_level=args.log_level or None, extra_args=tuple(args.extra_arg),
+                              env=dict(e.split("=", 1) for e in args.setenv), name=args.name,
+                              api_key=os.environ.get(args.api_key_env) or None)
             serve(remote, cfg, restart=args.restart, timeout=args.timeout, console=con)
         elif args.cmd == "status":
             report_status(remote, console=con)
@@ -369,10 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.f:
                 return services.follow_logs(remote, args.name, args.n)
             sys.stdout.write(services.logs(remote, args.name, args.n))
-    except (ServeConfigError, health.NotReadyError, services.ServiceError, SSHError, RuntimeError,
-            gpu.GPUCheckError) as exc:
-        con.print(f"error: {exc}", style="red", markup=False, highlight=False)
-        return 1
+    except Llama3OpsError as exc:
+        return report(exc)
     return 0
 
 

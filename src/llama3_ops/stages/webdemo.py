@@ -39,6 +39,7 @@ from llama3_ops.remote.ports import NoFreePortError
 from llama3_ops.remote.services import ServiceSpec, ServiceStatus
 from llama3_ops.remote.transport import Remote
 from llama3_ops.stages.host import Host, read_host
+from llama3_ops.stages.options import Opt
 from llama3_ops.stages.serve import API_KEY_ENV
 
 PACKAGE = "llama3_ops.stages"
@@ -87,6 +88,26 @@ WEBDEMO_APP = StreamlitApp(
     files=("webapp/llama3_webdemo.py", "webapp/llama3_chat.py"),
     remote_dir="~/llama3-course/webdemo",
     title="Llama3-Instruct",
+)
+
+
+def app_options(port: int, backend_help: str) -> tuple[Opt, ...]:
+    """What fab webdemo and fab agent take (llama3_ops.stages.options)."""
+    return (
+        Opt("model", "base", "base | merged | 4bit | a path on the host (api backend: the served model's tokenizer)"),
+        Opt("backend", "local", backend_help, choices=("local", "api")),
+        Opt("port", port, "the app's port on the host's 127.0.0.1"),
+        Opt("local_port", port, "the tunnel's local end (the next free port when busy, said so)"),
+        Opt("api_port", 23333, "the fab serve server's port on the host (api backend)"),
+        Opt("env", None, "bin directory of the env with streamlit (default: host.json's llama3 env)"),
+        Opt("restart", False, "replace a running app that has other settings"),
+        Opt("detach", False, "leave a background tunnel and return"),
+    )
+
+
+OPTIONS: tuple[Opt, ...] = (
+    *app_options(8501, "local: the app loads the model; api: it talks to fab serve's server"),
+    Opt("max_length", 8192, "the max-length slider's top (tokens)"),
 )
 
 
