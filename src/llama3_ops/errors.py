@@ -51,3 +51,18 @@ def user_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def returns_exit_code(fn: Callable[..., int]) -> Callable[..., int]:
+    """For ``main(argv) -> int`` entry points: a :class:`Llama3OpsError` is one line and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except Llama3OpsError as exc:
+            if debug_wanted():
+                raise
+            return report(exc)
+
+    return wrapper

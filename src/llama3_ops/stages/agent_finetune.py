@@ -33,6 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
+from llama3_ops.errors import returns_exit_code
 from llama3_ops.remote import services
 from llama3_ops.remote.files import put_text
 from llama3_ops.remote.services import ServiceSpec
@@ -197,6 +198,7 @@ def agent_finetune_from(remote: Remote, v: Any, console: Console | None = None) 
                               max_iters=v.max_iters, until=v.until, env_bin=v.env, console=console)
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """``python -m llama3_ops.stages.agent_finetune --local [options]`` (the device run)."""
     a = local_parser("python -m llama3_ops.stages.agent_finetune", "agent-finetune", OPTIONS).parse_args(argv)

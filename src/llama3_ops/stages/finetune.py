@@ -51,7 +51,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops.errors import Llama3OpsError
+from llama3_ops.errors import Llama3OpsError, returns_exit_code
 from llama3_ops.remote import services, transport
 from llama3_ops.remote.files import put_text
 from llama3_ops.remote.services import ServiceSpec, ServiceStatus
@@ -752,6 +752,7 @@ def local_main(json_path: str | None, call: Callable[[Remote, Console], Finetune
     return rc
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     """``python -m llama3_ops.stages.finetune --local [options]`` (the device run)."""
     a = local_parser("python -m llama3_ops.stages.finetune", "finetune", OPTIONS).parse_args(argv)

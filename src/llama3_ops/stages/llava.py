@@ -42,7 +42,7 @@ from typing import Any, Literal, get_args
 
 from rich.console import Console
 
-from llama3_ops.errors import Llama3OpsError
+from llama3_ops.errors import Llama3OpsError, returns_exit_code
 from llama3_ops.remote import files as remote_files
 from llama3_ops.remote import transport
 from llama3_ops.remote.transport import Remote
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     con = Console(stderr=True)

@@ -41,7 +41,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from llama3_ops.errors import Llama3OpsError
+from llama3_ops.errors import Llama3OpsError, returns_exit_code
 from llama3_ops.remote import files as remote_files
 from llama3_ops.remote import services, transport
 from llama3_ops.remote.services import ServiceSpec
@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@returns_exit_code
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     con = Console(stderr=True)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-from llama3_ops.errors import Llama3OpsError, report
+from llama3_ops.errors import Llama3OpsError, report, returns_exit_code
 from llama3_ops.remote import health, services, transport
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import DEFAULT_PORT
@@ -324,8 +324,8 @@ def target_from_args(args: argparse.Namespace) -> SSHTarget:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...`` (exit 1 on failure)."""
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...``."""
     p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.serve")
     p.add_argument("--local", action="store_true", help="run on this machine, no SSH")
     p.add_argument("--inventory")
@@ -351,7 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "logs":
             sp.add_argument("-n", type=int, default=100)
             sp.add_argument("-f", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+@returns_exit_code
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...`` (exit 1 on failure)."""
+    args = build_parser().parse_args(argv)
     con = Console(stderr=True)
     remote: Remote = transport.LocalRemote() if args.local else transport.SSHRemote(target_from_args(args))
     try:
