@@ -74,7 +74,8 @@ def test_a_course_host_serves_from_its_conda_env_and_its_model_dir() -> None:
 def test_expose_requires_api_key() -> None:
     with pytest.raises(ServeConfigError, match="needs an API key"):
         build_spec(ServeConfig(expose=True), HOME)
-    with pytest.raises(ServeConfigError, match="no API-key option"):
+    with pytest.raises(ServeConfigError, match=r"`transformers serve` cannot check an API key, and "
+                                                r"\$LLAMA3_OPS_API_KEY is set: unset it"):
         build_spec(ServeConfig(engine="transformers", expose=True, api_key="k"), HOME)
 
 
@@ -123,6 +124,19 @@ def test_transformers_command() -> None:
         "--host", "127.0.0.1", "--port", "24001",
     ]  # fmt: skip
     assert spec.env["PATH"].startswith("/opt/env/bin:")
+
+
+def test_the_cpu_engine_refuses_a_key_and_fingerprints_every_setting() -> None:
+    with pytest.raises(ServeConfigError, match="cannot check an API key"):
+        build_spec(ServeConfig(engine="transformers", api_key="k"), HOME)
+    with pytest.raises(ServeConfigError, match=r"needs an API key in \$LLAMA3_OPS_API_KEY \(export it"):
+        build_spec(ServeConfig(expose=True), HOME)
+    base = build_spec(ServeConfig(engine="transformers"), HOME)
+    # transformers serve's argv has no session length or batch size, yet a change is never reused
+    for change in ({"session_len": 4096}, {"max_batch_size": 8}, {"cache_max_entry_count": 0.9}, {"tp": 2}):
+        other = build_spec(ServeConfig(engine="transformers", **change), HOME)  # type: ignore[arg-type]
+        assert [str(a) for a in other.argv] == [str(a) for a in base.argv]
+        assert other.fingerprint() != base.fingerprint(), change
 
 
 def test_fingerprint_changes_with_settings_and_secret() -> None:

@@ -61,10 +61,13 @@ def test_a_wrong_host_key_is_refused_on_a_shared_connection(ssh_target: SSHHost,
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"[127.0.0.1]:{ssh_target.target.port} ssh-ed25519 "
                      "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+    good = SSHRemote(ssh_target.target)
+    good.run("true")  # a shared connection is up for this user, host and port...
     bad = SSHRemote(replace(ssh_target.target, known_hosts=wrong))
     with pytest.raises(HostKeyMismatchError, match="does not match known_hosts"):
-        bad.run("true")
-    assert not list(ctl.iterdir())
+        bad.run("true")  # ...and a call that names another known_hosts file does not ride on it
+    assert [p.name for p in ctl.iterdir()] == [transport.control_path(ssh_target.target).name]
+    transport.close_shared(ssh_target.target)
 
 
 def test_a_long_home_falls_back_to_a_private_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

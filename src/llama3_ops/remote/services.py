@@ -65,6 +65,9 @@ class ServiceSpec:
     secrets: Mapping[str, str] = field(default_factory=dict)
     cwd: str = "~"
     port: int | None = None
+    # What the caller chose that the argv may not show (an engine that ignores a setting): fingerprinted,
+    # so a changed setting is never silently reused, and not passed to the process.
+    settings: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -74,13 +77,14 @@ class ServiceSpec:
                 raise ValueError(f"argv references secret {arg.name} that is not in secrets")
 
     def fingerprint(self) -> str:
-        """sha256 over argv, env, cwd, port and the secrets (so a new API key means a restart)."""
+        """sha256 over argv, env, cwd, port, settings and the secrets (a new API key means a restart)."""
         blob = json.dumps(
             {
                 "argv": [a if isinstance(a, str) else {"secret": a.name} for a in self.argv],
                 "env": sorted(self.env.items()),
                 "cwd": self.cwd,
                 "port": self.port,
+                **({"settings": sorted(self.settings.items())} if self.settings else {}),
                 "secrets": sorted(
                     (k, hashlib.sha256(v.encode()).hexdigest()) for k, v in self.secrets.items()
                 ),

@@ -11,6 +11,8 @@ connects. The sockets live in :func:`control_dir` (mode 0700).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -90,8 +92,8 @@ class LocalRemote:
         )
 
 
-# A unix socket path holds at most 107 bytes; ssh adds "/" + 40 hex (%C) + "." + 16 random characters.
-_SOCKET_ROOM = 107 - 58
+# A unix socket path holds at most 107 bytes; the name is "/" + 24 hex, and ssh adds "." + 16 random characters.
+_SOCKET_ROOM = 107 - 42
 
 
 def control_dir() -> Path:
@@ -108,11 +110,19 @@ def control_dir() -> Path:
     return d
 
 
-def control_options(persist: str = CONTROL_PERSIST) -> list[str]:
-    """OpenSSH options that share one connection per (user, host, port, jump): ``%C`` hashes them."""
+def control_path(target: SSHTarget) -> Path:
+    """The shared connection's socket for ``target``: one per everything that decides whom ssh talks to and
+    how it checks them (user, host, port, jump, key, known_hosts, options), so a connection opened with
+    one known_hosts file is never reused by a call that names another (its host key is checked anew)."""
+    key = json.dumps({**target.to_dict(), "name": ""}, sort_keys=True)
+    return control_dir() / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def control_options(target: SSHTarget, persist: str = CONTROL_PERSIST) -> list[str]:
+    """OpenSSH options that share one connection per :func:`control_path`."""
     return [
         "-o", "ControlMaster=auto",
-        "-o", f"ControlPath={control_dir()}/%C",
+        "-o", f"ControlPath={control_path(target)}",
         "-o", f"ControlPersist={persist}",
     ]  # fmt: skip
 
@@ -120,7 +130,7 @@ def control_options(persist: str = CONTROL_PERSIST) -> list[str]:
 def close_shared(target: SSHTarget) -> None:
     """Close the shared connection to ``target`` (``ssh -O exit``); nothing when there is none."""
     subprocess.run(
-        ["ssh", *target.ssh_options(), *control_options(), "-O", "exit", target.destination],
+        ["ssh", *target.ssh_options(), *control_options(target), "-O", "exit", target.destination],
         capture_output=True, text=True, timeout=10, check=False,
     )  # fmt: skip
 
@@ -139,7 +149,7 @@ class SSHRemote:
         return [
             "ssh",
             *self.target.ssh_options(),
-            *(control_options() if self.share else []),
+            *(control_options(self.target) if self.share else []),
             "-o",
             f"ConnectTimeout={self.connect_timeout}",
             "-o",

@@ -83,13 +83,13 @@ class ServeConfig:
     def validate(self) -> None:
         if self.expose and not self.api_key:
             raise ServeConfigError(
-                "expose=True binds 0.0.0.0 for everyone who can reach the host: it needs an API key "
-                "(--api-key); or keep the default 127.0.0.1 and use the SSH tunnel (fab client)."
+                f"--expose binds 0.0.0.0 for everyone who can reach the host: it needs an API key in ${API_KEY_ENV} "
+                "(export it, never on the command line); or keep the default 127.0.0.1 and use the SSH tunnel"
             )
-        if self.expose and self.engine == "transformers":
+        if self.engine == "transformers" and self.api_key:
             raise ServeConfigError(
-                "`transformers serve` has no API-key option, so it cannot be exposed on 0.0.0.0; "
-                "keep the default 127.0.0.1 bind and use the SSH tunnel."
+                f"`transformers serve` cannot check an API key, and ${API_KEY_ENV} is set: unset it for the CPU "
+                "engine (its server stays on 127.0.0.1, behind the tunnel), or serve with --engine lmdeploy"
             )
         if self.engine not in ("lmdeploy", "transformers"):
             raise ServeConfigError(f"unknown engine {self.engine!r} (lmdeploy|transformers)")
@@ -101,6 +101,12 @@ class ServeConfig:
             raise ServeConfigError(f"--tp must be a power of two (1, 2, 4, 8), as lmdeploy requires; got {self.tp}")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ServeConfigError("cache_max_entry_count must be in (0, 1]")
+
+    def settings(self) -> dict[str, str]:
+        """Every setting, for the reuse fingerprint (the CPU engine's argv leaves the lmdeploy ones out)."""
+        keep = ("engine", "model", "backend", "tp", "cache_max_entry_count", "quant_policy", "max_batch_size",
+                "session_len", "model_format", "expose")
+        return {k: str(getattr(self, k)) for k in keep}
 
 
 def config_from(v: Any, **more: Any) -> ServeConfig:
@@ -156,7 +162,8 @@ def build_spec(cfg: ServeConfig, host: Host) -> ServiceSpec:
             argv += ["--log-level", cfg.log_level.lower()]
         env.setdefault("HF_HUB_OFFLINE", "1")
     argv += list(cfg.extra_args)
-    return ServiceSpec(name=cfg.name, argv=tuple(argv), env=env, secrets=secrets, cwd="~", port=cfg.port)
+    return ServiceSpec(name=cfg.name, argv=tuple(argv), env=env, secrets=secrets, cwd="~", port=cfg.port,
+                       settings=cfg.settings())
 
 
 @dataclass
