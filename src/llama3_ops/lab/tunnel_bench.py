@@ -1,7 +1,7 @@
 """Throughput through the tunnel vs direct: streamed chat completions at fixed concurrency.
 
 ``bench_tunnel()`` measures requests/s and streamed tokens/s against one server, once directly and
-once through each tunnel implementation (OpenSSH ``-L`` and Paramiko), at each concurrency.
+once through the tunnel (:mod:`llama3_ops.remote.tunnel`), at each concurrency.
 
 ``python -m llama3_ops.lab.tunnel_bench`` is self-contained: it runs the SSE stand-in
 (:mod:`llama3_ops.lab.standin`) and a throwaway sshd on 127.0.0.1 (as the current user, its own host
@@ -29,12 +29,12 @@ import aiohttp
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import find_free_port, wait_port_accepts
 from llama3_ops.remote.procs import stop_process
-from llama3_ops.remote.tunnel import Impl, TunnelSpec, make_tunnel
+from llama3_ops.remote.tunnel import TunnelSpec, make_tunnel
 
 
 @dataclass
 class BenchRow:
-    path: str  # direct | openssh | paramiko
+    path: str  # direct | openssh | openssh[<first cipher>]
     concurrency: int
     requests: int
     ok: int
@@ -98,33 +98,27 @@ def bench_tunnel(
     direct_url: str | None,
     *,
     concurrencies: Sequence[int] = (64, 256),
-    impls: Sequence[Impl] = ("openssh", "paramiko"),
     requests_per_client: int = 4,
     max_tokens: int = 32,
     model: str = "standin",
     openssh_ciphers: Sequence[str] = ("",),
 ) -> list[BenchRow]:
-    """Measure direct (when ``direct_url`` is reachable from here) and through each tunnel.
+    """Measure direct (when ``direct_url`` is reachable from here) and through the tunnel.
 
     ``openssh_ciphers``: one OpenSSH run per entry (a ``Ciphers=`` list; "" = the bundle's default);
     the row's path is ``openssh`` for the default and ``openssh[<first cipher>]`` otherwise.
     """
     rows: list[BenchRow] = []
-    paths: list[tuple[str, str | None, Impl, str]] = [("direct", direct_url, "openssh", "")] if direct_url else []
-    for impl in impls:
-        if impl == "openssh":
-            paths += [(f"openssh[{c.split(',')[0]}]" if c else "openssh", None, impl, c) for c in openssh_ciphers]
-        else:
-            paths.append((impl, None, impl, ""))
-    for path, url, impl, ciphers in paths:
+    paths: list[tuple[str, str | None, str]] = [("direct", direct_url, "")] if direct_url else []
+    paths += [(f"openssh[{c.split(',')[0]}]" if c else "openssh", None, c) for c in openssh_ciphers]
+    for path, url, ciphers in paths:
         tun = None
         if url is None:
             spec = TunnelSpec(
                 target=target,
                 remote_port=remote_port,
                 local_port=find_free_port(29300),
-                impl=impl,
-                name=f"bench-{impl}",
+                name="bench-tunnel",
                 health_path=None,
             )
             if ciphers:
@@ -157,7 +151,7 @@ def bench_tunnel(
 
 
 def ratios(rows: Sequence[BenchRow]) -> dict[str, dict[int, dict[str, float]]]:
-    """tunnel / direct for rps and tok/s, per implementation and concurrency."""
+    """tunnel / direct for rps and tok/s, per path and concurrency."""
     direct = {r.concurrency: r for r in rows if r.path == "direct"}
     out: dict[str, dict[int, dict[str, float]]] = {}
     for r in rows:
@@ -218,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m llama3_ops.lab.tunnel_bench")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--impl", nargs="+", default=["openssh", "paramiko"], choices=["openssh", "paramiko"])
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--tokens-per-s", type=float, default=200.0, help="stand-in rate per stream")
@@ -233,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
             port,
             base,
             concurrencies=args.concurrency,
-            impls=args.impl,
             requests_per_client=args.requests_per_client,
             max_tokens=args.max_tokens,
             openssh_ciphers=args.ciphers,
