@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 
 TOKENS = 25
 RATE = 50.0  # tokens/s per stream: 0.5 s per request
+GRACE_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,9 @@ class KillRun:
 
     @property
     def at_risk(self) -> set[int]:
-        return {r.index for t in self.kills for r in self.in_flight_at(t)}
+        """In flight at a kill, or sent within ``GRACE_S`` after it: a keep-alive connection opened
+        through the killed ssh can take one more request before the client sees it close."""
+        return {r.index for t in self.kills for r in self.results if r.start <= t + GRACE_S and r.end > t}
 
     def summary(self) -> str:
         inflight = [len(self.in_flight_at(t)) for t in self.kills]
@@ -114,8 +117,9 @@ def _check(tun: Tunnel, run: KillRun, kills: int, label: str) -> None:
     assert len(tun.reconnects) == kills, tun.reconnects
     assert all(r.seconds <= 1.0 for r in tun.reconnects), recs
     failed = {r.index for r in run.failed}
-    assert failed <= run.at_risk, f"failed requests that were not in flight at a kill: {run.summary()}"
-    assert len(failed) <= sum(len(run.in_flight_at(t)) for t in run.kills)
+    assert len(failed) <= sum(len(run.in_flight_at(t)) for t in run.kills), run.summary()
+    late = sorted(min(r.start - t for t in run.kills) for r in run.failed if r.index not in run.at_risk)
+    assert not late, f"failed though sent {late} s after a kill: {run.summary()}"
 
 
 @pytest.mark.parametrize(("concurrency", "requests", "kill_at"), [(4, 48, [2.0]), (64, 256, [0.8])])
@@ -130,19 +134,19 @@ def test_kill_ssh_twice_in_one_bench(tun: Tunnel) -> None:
 
 
 def test_kill_ssh_while_idle_then_use_it(tun: Tunnel) -> None:
-    """A request sent right after the kill (during the reconnect) waits and succeeds."""
-    run = KillRun([])
-    _kill_ssh_nowait = getattr(tun, "pid", None)
-    assert _kill_ssh_nowait
-    os.kill(_kill_ssh_nowait, signal.SIGKILL)
+    """Requests sent right after the kill, before the new ssh is up, wait for it and succeed."""
+    pid = tun.pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    sent_at = time.monotonic()
     cfg = ClientConfig(base_url=tun.url, model="standin", endpoint="chat", progress=False, request_timeout_s=30)
-    res = asyncio.run(run_load([Request("hi", 1, 5)] * 8, 4, cfg))
+    run = KillRun(asyncio.run(run_load([Request("hi", 1, 5)] * 8, 4, cfg)).results)
     deadline = time.monotonic() + 15
     while not tun.reconnects and time.monotonic() < deadline:
         time.sleep(0.01)
-    run.results = res.results
     print(f"\n[kill] idle: {run.summary()}; reconnects {[round(r.seconds, 2) for r in tun.reconnects]}")
-    assert run.failed == [], run.summary()
     assert len(tun.reconnects) == 1 and tun.reconnects[0].seconds <= 1.0
+    assert sent_at < tun.reconnects[0].up_at, "the requests were meant to arrive during the reconnect"
+    assert run.failed == [], run.summary()
     later = asyncio.run(run_load([Request("hi", 1, 5)] * 8, 4, cfg))
     assert all(r.success for r in later.results)
