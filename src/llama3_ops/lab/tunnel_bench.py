@@ -29,7 +29,7 @@ import aiohttp
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import find_free_port, wait_port_accepts
 from llama3_ops.remote.procs import stop_process
-from llama3_ops.remote.tunnel import TunnelSpec, make_tunnel
+from llama3_ops.remote.tunnel import TunnelSpec, down, make_tunnel, up
 
 
 @dataclass
@@ -42,6 +42,41 @@ class BenchRow:
     rps: float
     tok_s: float
     ttft_p50_ms: float
+    tunnel_cpu_s: float = 0.0  # CPU time of the tunnel's processes (supervisor + ssh) during the run
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of ``pid`` and its descendants (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
+
+
+@contextlib.contextmanager
+def _tunnel(spec: TunnelSpec, in_process: bool) -> Iterator[tuple[str, int]]:
+    """The tunnel's URL and the pid whose process tree carries it: detached (as ``fab serve
+    --detach`` runs it, in a supervisor process of its own) or in this process."""
+    if in_process:
+        tun = make_tunnel(spec, on_event=lambda m: None).start()
+        try:
+            yield tun.url, int(tun.pid or 0)
+        finally:
+            tun.stop()
+        return
+    root = Path(tempfile.mkdtemp(prefix="l3-bench-tunnel-"))
+    try:
+        st = up(spec, root=root)
+        yield st.url, st.pid
+    finally:
+        down(spec.name, root=root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int) -> tuple[int, float]:
@@ -102,36 +137,37 @@ def bench_tunnel(
     max_tokens: int = 32,
     model: str = "standin",
     openssh_ciphers: Sequence[str] = ("",),
+    in_process: bool = False,
 ) -> list[BenchRow]:
     """Measure direct (when ``direct_url`` is reachable from here) and through the tunnel.
 
     ``openssh_ciphers``: one OpenSSH run per entry (a ``Ciphers=`` list; "" = the bundle's default);
     the row's path is ``openssh`` for the default and ``openssh[<first cipher>]`` otherwise.
+    ``in_process``: run the tunnel in this process (its threads then share the GIL with the load).
     """
     rows: list[BenchRow] = []
     paths: list[tuple[str, str | None, str]] = [("direct", direct_url, "")] if direct_url else []
     paths += [(f"openssh[{c.split(',')[0]}]" if c else "openssh", None, c) for c in openssh_ciphers]
-    for path, url, ciphers in paths:
-        tun = None
-        if url is None:
-            spec = TunnelSpec(
-                target=target,
-                remote_port=remote_port,
-                local_port=find_free_port(29300),
-                name="bench-tunnel",
-                health_path=None,
-            )
-            if ciphers:
-                spec.ciphers = ciphers
-            tun = make_tunnel(spec, on_event=lambda m: None).start()
-            url = tun.url
-        try:
+    for path, direct, ciphers in paths:
+        spec = TunnelSpec(
+            target=target,
+            remote_port=remote_port,
+            local_port=find_free_port(29300),
+            name="bench-tunnel",
+            health_path=None,
+        )
+        if ciphers:
+            spec.ciphers = ciphers
+        with contextlib.ExitStack() as stack:
+            url, pid = (direct, 0) if direct else stack.enter_context(_tunnel(spec, in_process))
             asyncio.run(load(url, concurrency=8, requests=16, max_tokens=4, model=model))  # warm-up
             for c in concurrencies:
                 n = c * requests_per_client
+                cpu0 = _tree_cpu_s(pid) if pid else 0.0
                 ok, tokens, dt, ttft = asyncio.run(
                     load(url, concurrency=c, requests=n, max_tokens=max_tokens, model=model)
                 )
+                cpu = (_tree_cpu_s(pid) - cpu0) if pid else 0.0
                 rows.append(
                     BenchRow(
                         path,
@@ -142,11 +178,9 @@ def bench_tunnel(
                         round(ok / dt, 1),
                         round(tokens / dt, 1),
                         round(ttft * 1000, 1),
+                        round(cpu, 2),
                     )
                 )
-        finally:
-            if tun is not None:
-                tun.stop()
     return rows
 
 
@@ -217,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-s", type=float, default=200.0, help="stand-in rate per stream")
     ap.add_argument("--ciphers", nargs="+", default=[""],
                     help="OpenSSH Ciphers= lists to compare ('' = the bundle's default, AES-GCM first)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the tunnel in the bench's process instead of a detached supervisor")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     with standin_process(tokens_per_s=args.tokens_per_s) as base, loopback_sshd() as target:
@@ -229,11 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             requests_per_client=args.requests_per_client,
             max_tokens=args.max_tokens,
             openssh_ciphers=args.ciphers,
+            in_process=args.in_process,
         )
     table = Table(
         title=f"streamed chat, {args.max_tokens} tokens/request at {args.tokens_per_s:g} tok/s/stream"
     )
-    for col in ("path", "concurrency", "ok/requests", "s", "req/s", "tok/s", "TTFT p50 ms"):
+    for col in ("path", "concurrency", "ok/requests", "s", "req/s", "tok/s", "TTFT p50 ms", "tunnel CPU s"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -244,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             str(r.rps),
             str(r.tok_s),
             str(r.ttft_p50_ms),
+            str(r.tunnel_cpu_s),
         )
     con = Console()
     con.print(table)
