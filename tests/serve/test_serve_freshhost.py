@@ -16,7 +16,7 @@ import pytest
 from hostlab import Provisioned
 from llama3_ops.remote import services, transport, tunnel
 from llama3_ops.remote.ports import find_free_port, is_port_free, port_accepts
-from llama3_ops.remote.tunnel import OpenSSHTunnel, TunnelSpec
+from llama3_ops.remote.tunnel import Tunnel, TunnelSpec
 from llama3_ops.stages import serve as srv
 
 from .conftest import kill_ssh_mid_stream, stream_worker
@@ -109,7 +109,7 @@ def test_tunnel_heals_after_ssh_kill_and_network_outage(provisioned: Provisioned
     assert result.ready is not None
     model_id = result.ready.model_id
     events: list[str] = []
-    tun = OpenSSHTunnel(TunnelSpec(target=provisioned.target, local_port=find_free_port(), name="heal"),
+    tun = Tunnel(TunnelSpec(target=provisioned.target, local_port=find_free_port(), name="heal"),
                         on_event=events.append)
     tun.start()
     try:

@@ -8,7 +8,6 @@ server listens on its own free port (never 23333) and every port is a parameter.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from llama3_ops.remote import health, services, transport, tunnel
 from llama3_ops.remote.connection import HostKeyMismatchError
 from llama3_ops.remote.ports import find_free_port, listening_pids, port_accepts
-from llama3_ops.remote.tunnel import OpenSSHTunnel, ParamikoTunnel, TunnelSpec
+from llama3_ops.remote.tunnel import Tunnel, TunnelSpec
 from llama3_ops.stages import client as chat_client
 from llama3_ops.stages import serve
 
@@ -70,12 +69,11 @@ def served(ssh_target: SSHHost) -> Iterator[Served]:
     assert _listening_remote(ssh_target, port) == ""
 
 
-def _tunnel_spec(host: SSHHost, served: Served, impl: str = "openssh", **kw: object) -> TunnelSpec:
+def _tunnel_spec(host: SSHHost, served: Served, **kw: object) -> TunnelSpec:
     base: dict[str, object] = {
         "target": host.target,
         "remote_port": served.cfg.port,
         "local_port": find_free_port(27300 + os.getpid() % 300),
-        "impl": impl,
     }
     base.update(kw)
     return TunnelSpec(**base)  # type: ignore[arg-type]
@@ -94,35 +92,37 @@ def test_serve_health_chat_and_stream_through_tunnel(ssh_target: SSHHost, served
     with pytest.raises(services.FingerprintMismatchError, match="other settings"):
         serve.serve(ssh_target.remote, replace(served.cfg, log_level="warning"), wait=False)
 
-    for impl in ("openssh", "paramiko"):
-        with tunnel.make_tunnel(_tunnel_spec(ssh_target, served, impl)) as tun:
-            assert chat_client.list_models(tun.url) == [served.model_id]
-            msgs = [{"role": "user", "content": "Say hi"}]
-            text = chat_client.complete(tun.url, msgs, served.model_id, max_tokens=4)
-            assert isinstance(text, str) and text
-            pieces = list(chat_client.stream_chat(tun.url, msgs, served.model_id, max_tokens=6))
-            assert len(pieces) >= 3, pieces
-            # a chat session keeps history
-            sess = chat_client.ChatSession(tun.url, served.model_id, max_tokens=3)
-            "".join(sess.ask("one"))
-            "".join(sess.ask("two"))
-            assert [m["role"] for m in sess.history] == ["user", "assistant", "user", "assistant"]
-            sess.clear()
-            assert sess.history == []
-            local_port = tun.local_port
-        assert not port_accepts(local_port), f"{impl}: listener left on {local_port}"
+    with tunnel.make_tunnel(_tunnel_spec(ssh_target, served)) as tun:
+        assert chat_client.list_models(tun.url) == [served.model_id]
+        msgs = [{"role": "user", "content": "Say hi"}]
+        text = chat_client.complete(tun.url, msgs, served.model_id, max_tokens=4)
+        assert isinstance(text, str) and text
+        pieces = list(chat_client.stream_chat(tun.url, msgs, served.model_id, max_tokens=6))
+        assert len(pieces) >= 3, pieces
+        # a chat session keeps history
+        sess = chat_client.ChatSession(tun.url, served.model_id, max_tokens=3)
+        "".join(sess.ask("one"))
+        "".join(sess.ask("two"))
+        assert [m["role"] for m in sess.history] == ["user", "assistant", "user", "assistant"]
+        sess.clear()
+        assert sess.history == []
+        local_port = tun.local_port
+        control = tun.control_path
+        assert control.exists()
+    assert not port_accepts(local_port), f"listener left on {local_port}"
+    assert not control.exists(), "control socket left behind"
 
 
-def test_openssh_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served: Served) -> None:
+def test_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served: Served) -> None:
     events: list[str] = []
-    tun = OpenSSHTunnel(_tunnel_spec(ssh_target, served), on_event=events.append)
+    tun = Tunnel(_tunnel_spec(ssh_target, served), on_event=events.append)
     tun.start()
     try:
         killed = kill_ssh_mid_stream(tun, served.model_id, events)
         rec = killed.reconnect
         assert tun.pid != killed.old_pid
         print(
-            f"\n[reconnect] openssh: ssh killed -> listener back in {rec.seconds:.2f}s "
+            f"\n[reconnect] ssh killed -> listener back in {rec.seconds:.2f}s "
             f"({rec.attempts} attempt(s), server {rec.health}); in-flight lost: {killed.lost}/{len(killed.results)}"
         )
         assert rec.seconds < 5
@@ -137,65 +137,21 @@ def test_openssh_tunnel_reconnects_after_ssh_killed(ssh_target: SSHHost, served:
     assert tun.proc is not None and tun.proc.poll() is not None
 
 
-def _sshd_session_pids(host: SSHHost) -> list[int]:
-    """The per-connection sshd processes of the test user (loopback: we can see them)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == host.sshd_pid:
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmd.startswith(b"sshd") and host.target.user.encode() in cmd:
-            pids.append(int(p.name))
-    return pids
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")
-def test_paramiko_tunnel_reconnects_after_server_side_drop(ssh_target: SSHHost, served: Served) -> None:
-    if not ssh_target.is_loopback:
-        pytest.skip("kills the sshd session process through /proc")
-    events: list[str] = []
-    tun = ParamikoTunnel(_tunnel_spec(ssh_target, served, "paramiko"), on_event=events.append)
-    tun.start()
-    try:
-        assert chat_client.list_models(tun.url) == [served.model_id]
-        pids = _sshd_session_pids(ssh_target)
-        assert pids
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        while not tun.reconnects and time.monotonic() - t0 < 15:
-            time.sleep(0.02)
-        assert tun.reconnects, events
-        print(f"\n[reconnect] paramiko: session killed -> reconnected in {tun.reconnects[0].seconds:.2f}s")
-        assert tun.reconnects[0].seconds < 5
-        # the local listener stayed bound the whole time; new requests work
-        assert chat_client.list_models(tun.url) == [served.model_id]
-    finally:
-        tun.stop()
-    assert not port_accepts(tun.local_port)
-
-
 def test_busy_local_port_moves_to_next_free(ssh_target: SSHHost, served: Served) -> None:
     busy = find_free_port(27800 + os.getpid() % 100)
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", busy))
     blocker.listen(1)
     try:
-        for impl in ("openssh", "paramiko"):
-            events: list[str] = []
-            spec = _tunnel_spec(ssh_target, served, impl, local_port=busy)
-            with tunnel.make_tunnel(spec, on_event=events.append) as tun:
-                assert tun.local_port > busy
-                assert any(f"local port {busy} is busy" in e and str(tun.local_port) in e for e in events), (
-                    events
-                )
-                ok, detail = health.check_once(health.LocalHttpProbe(tun.url))
-                assert ok, detail
-            with pytest.raises(tunnel.TunnelError, match="busy"):
-                tunnel.make_tunnel(replace(spec, auto_port=False)).start()
+        events: list[str] = []
+        spec = _tunnel_spec(ssh_target, served, local_port=busy)
+        with tunnel.make_tunnel(spec, on_event=events.append) as tun:
+            assert tun.local_port > busy
+            assert any(f"local port {busy} is busy" in e and str(tun.local_port) in e for e in events), events
+            ok, detail = health.check_once(health.LocalHttpProbe(tun.url))
+            assert ok, detail
+        with pytest.raises(tunnel.TunnelError, match="busy"):
+            tunnel.make_tunnel(replace(spec, auto_port=False)).start()
     finally:
         blocker.close()
 
@@ -209,13 +165,10 @@ def test_wrong_host_key_is_refused(ssh_target: SSHHost, served: Served, tmp_path
     with pytest.raises(HostKeyMismatchError, match="does not match known_hosts"):
         transport.SSHRemote(target).run("true")
     local = find_free_port(27900 + os.getpid() % 50)
-    for impl in ("openssh", "paramiko"):
-        spec = TunnelSpec(target=target, remote_port=served.cfg.port, local_port=local, impl=impl)  # type: ignore[arg-type]
-        with pytest.raises(
-            HostKeyMismatchError, match=r"host key for \[127.0.0.1\]:\d+ does not match known_hosts"
-        ):
-            tunnel.make_tunnel(spec).start()
-        assert not port_accepts(local), f"{impl} left a listener"
+    spec = TunnelSpec(target=target, remote_port=served.cfg.port, local_port=local)
+    with pytest.raises(HostKeyMismatchError, match=r"host key for \[127.0.0.1\]:\d+ does not match known_hosts"):
+        tunnel.make_tunnel(spec).start()
+    assert not port_accepts(local), "a listener was left behind"
     # unknown host (empty known_hosts): also refused, never silently accepted
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
@@ -235,7 +188,11 @@ def test_detached_tunnel_up_status_down(ssh_target: SSHHost, served: Served, sta
     assert listed.name == "t-detached" and listed.alive
     port = int(st.local_port or 0)
     owners = listening_pids(port)
-    assert owners and all("ssh" in cmd for cmd in owners.values()), owners
+    assert list(owners) == [st.pid], owners  # the supervisor holds the port, not ssh
+    live = tunnel.live_tunnel("t-detached", remote_port=served.cfg.port, root=state_root)
+    assert live is not None and live.pid == st.pid
+    assert tunnel.live_tunnel("t-detached", remote_port=served.cfg.port + 1, root=state_root) is None
+    assert tunnel.live_tunnel("llm", root=state_root) is None
     msgs = tunnel.down("t-detached", root=state_root)
     assert msgs and not port_accepts(port)
     assert tunnel.tunnel_status(state_root) == []

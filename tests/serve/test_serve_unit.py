@@ -277,17 +277,28 @@ def test_status_survives_a_log_without_final_newline(tmp_path: Path) -> None:
     assert st.log_tail[-1].endswith("10/10")
 
 
-def test_openssh_tunnel_argv_loopback_keepalive_ciphers_and_short_reconnects() -> None:
+def test_tunnel_master_argv_own_control_socket_keepalive_ciphers_and_short_reconnects() -> None:
     from llama3_ops.remote.connection import SSHTarget
-    from llama3_ops.remote.tunnel import OpenSSHTunnel, TunnelSpec
+    from llama3_ops.remote.tunnel import Tunnel, TunnelSpec
 
-    spec = TunnelSpec(target=SSHTarget(host="gpu1", user="u", port=2222), local_port=23334)
-    tun = OpenSSHTunnel(spec)
-    tun.local_port = 23334
+    target = SSHTarget(host="gpu1", user="u", port=2222, extra_options=("ControlPath=/elsewhere/%C",))
+    spec = TunnelSpec(target=target, local_port=23334)
+    tun = Tunnel(spec)
     first, again = tun.argv(spec.connect_timeout), tun.argv(spec.reconnect_timeout)
-    assert "127.0.0.1:23334:127.0.0.1:23333" in first
-    assert "ExitOnForwardFailure=yes" in first and "ServerAliveInterval=2" in first
+    # a master of the tunnel's own; ours come first, so an inventory's ControlPath does not win
+    assert first.index(f"ControlPath={tun.control_path}") < first.index("ControlPath=/elsewhere/%C")
+    assert "ControlMaster=yes" in first and "ControlPersist=no" in first and "-N" in first
+    assert not any(a.startswith("-L") for a in first) and "StrictHostKeyChecking=yes" in first
+    assert "ServerAliveInterval=2" in first
     assert "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com" in first
     assert "ConnectTimeout=5" in first and "ConnectTimeout=2" in again
     spec.ciphers = ""
     assert not any(a.startswith("Ciphers=") for a in tun.argv())
+
+
+def test_tunnel_spec_reads_state_files_of_older_versions() -> None:
+    from llama3_ops.remote.connection import SSHTarget
+    from llama3_ops.remote.tunnel import TunnelSpec
+
+    d = TunnelSpec(target=SSHTarget(host="gpu1", user="u")).to_dict()
+    assert TunnelSpec.from_dict({**d, "impl": "openssh"}).to_dict() == d

@@ -1,7 +1,7 @@
 """Throughput through the tunnel vs direct: streamed chat completions at fixed concurrency.
 
 ``bench_tunnel()`` measures requests/s and streamed tokens/s against one server, once directly and
-once through each tunnel implementation (OpenSSH ``-L`` and Paramiko), at each concurrency.
+once through the tunnel (:mod:`llama3_ops.remote.tunnel`), at each concurrency.
 
 ``python -m llama3_ops.lab.tunnel_bench`` is self-contained: it runs the SSE stand-in
 (:mod:`llama3_ops.lab.standin`) and a throwaway sshd on 127.0.0.1 (as the current user, its own host
@@ -29,12 +29,12 @@ import aiohttp
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import find_free_port, wait_port_accepts
 from llama3_ops.remote.procs import stop_process
-from llama3_ops.remote.tunnel import Impl, TunnelSpec, make_tunnel
+from llama3_ops.remote.tunnel import TunnelSpec, down, make_tunnel, up
 
 
 @dataclass
 class BenchRow:
-    path: str  # direct | openssh | paramiko
+    path: str  # direct | openssh | openssh[<first cipher>]
     concurrency: int
     requests: int
     ok: int
@@ -42,6 +42,41 @@ class BenchRow:
     rps: float
     tok_s: float
     ttft_p50_ms: float
+    tunnel_cpu_s: float = 0.0  # CPU time of the tunnel's processes (supervisor + ssh) during the run
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of ``pid`` and its descendants (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
+
+
+@contextlib.contextmanager
+def _tunnel(spec: TunnelSpec, in_process: bool) -> Iterator[tuple[str, int]]:
+    """The tunnel's URL and the pid whose process tree carries it: detached (as ``fab serve
+    --detach`` runs it, in a supervisor process of its own) or in this process."""
+    if in_process:
+        tun = make_tunnel(spec, on_event=lambda m: None).start()
+        try:
+            yield tun.url, int(tun.pid or 0)
+        finally:
+            tun.stop()
+        return
+    root = Path(tempfile.mkdtemp(prefix="l3-bench-tunnel-"))
+    try:
+        st = up(spec, root=root)
+        yield st.url, st.pid
+    finally:
+        down(spec.name, root=root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int) -> tuple[int, float]:
@@ -98,46 +133,41 @@ def bench_tunnel(
     direct_url: str | None,
     *,
     concurrencies: Sequence[int] = (64, 256),
-    impls: Sequence[Impl] = ("openssh", "paramiko"),
     requests_per_client: int = 4,
     max_tokens: int = 32,
     model: str = "standin",
     openssh_ciphers: Sequence[str] = ("",),
+    in_process: bool = False,
 ) -> list[BenchRow]:
-    """Measure direct (when ``direct_url`` is reachable from here) and through each tunnel.
+    """Measure direct (when ``direct_url`` is reachable from here) and through the tunnel.
 
     ``openssh_ciphers``: one OpenSSH run per entry (a ``Ciphers=`` list; "" = the bundle's default);
     the row's path is ``openssh`` for the default and ``openssh[<first cipher>]`` otherwise.
+    ``in_process``: run the tunnel in this process (its threads then share the GIL with the load).
     """
     rows: list[BenchRow] = []
-    paths: list[tuple[str, str | None, Impl, str]] = [("direct", direct_url, "openssh", "")] if direct_url else []
-    for impl in impls:
-        if impl == "openssh":
-            paths += [(f"openssh[{c.split(',')[0]}]" if c else "openssh", None, impl, c) for c in openssh_ciphers]
-        else:
-            paths.append((impl, None, impl, ""))
-    for path, url, impl, ciphers in paths:
-        tun = None
-        if url is None:
-            spec = TunnelSpec(
-                target=target,
-                remote_port=remote_port,
-                local_port=find_free_port(29300),
-                impl=impl,
-                name=f"bench-{impl}",
-                health_path=None,
-            )
-            if ciphers:
-                spec.ciphers = ciphers
-            tun = make_tunnel(spec, on_event=lambda m: None).start()
-            url = tun.url
-        try:
+    paths: list[tuple[str, str | None, str]] = [("direct", direct_url, "")] if direct_url else []
+    paths += [(f"openssh[{c.split(',')[0]}]" if c else "openssh", None, c) for c in openssh_ciphers]
+    for path, direct, ciphers in paths:
+        spec = TunnelSpec(
+            target=target,
+            remote_port=remote_port,
+            local_port=find_free_port(29300),
+            name="bench-tunnel",
+            health_path=None,
+        )
+        if ciphers:
+            spec.ciphers = ciphers
+        with contextlib.ExitStack() as stack:
+            url, pid = (direct, 0) if direct else stack.enter_context(_tunnel(spec, in_process))
             asyncio.run(load(url, concurrency=8, requests=16, max_tokens=4, model=model))  # warm-up
             for c in concurrencies:
                 n = c * requests_per_client
+                cpu0 = _tree_cpu_s(pid) if pid else 0.0
                 ok, tokens, dt, ttft = asyncio.run(
                     load(url, concurrency=c, requests=n, max_tokens=max_tokens, model=model)
                 )
+                cpu = (_tree_cpu_s(pid) - cpu0) if pid else 0.0
                 rows.append(
                     BenchRow(
                         path,
@@ -148,16 +178,14 @@ def bench_tunnel(
                         round(ok / dt, 1),
                         round(tokens / dt, 1),
                         round(ttft * 1000, 1),
+                        round(cpu, 2),
                     )
                 )
-        finally:
-            if tun is not None:
-                tun.stop()
     return rows
 
 
 def ratios(rows: Sequence[BenchRow]) -> dict[str, dict[int, dict[str, float]]]:
-    """tunnel / direct for rps and tok/s, per implementation and concurrency."""
+    """tunnel / direct for rps and tok/s, per path and concurrency."""
     direct = {r.concurrency: r for r in rows if r.path == "direct"}
     out: dict[str, dict[int, dict[str, float]]] = {}
     for r in rows:
@@ -218,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m llama3_ops.lab.tunnel_bench")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--impl", nargs="+", default=["openssh", "paramiko"], choices=["openssh", "paramiko"])
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--tokens-per-s", type=float, default=200.0, help="stand-in rate per stream")
     ap.add_argument("--ciphers", nargs="+", default=[""],
                     help="OpenSSH Ciphers= lists to compare ('' = the bundle's default, AES-GCM first)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the tunnel in the bench's process instead of a detached supervisor")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     with standin_process(tokens_per_s=args.tokens_per_s) as base, loopback_sshd() as target:
@@ -233,15 +262,15 @@ def main(argv: list[str] | None = None) -> int:
             port,
             base,
             concurrencies=args.concurrency,
-            impls=args.impl,
             requests_per_client=args.requests_per_client,
             max_tokens=args.max_tokens,
             openssh_ciphers=args.ciphers,
+            in_process=args.in_process,
         )
     table = Table(
         title=f"streamed chat, {args.max_tokens} tokens/request at {args.tokens_per_s:g} tok/s/stream"
     )
-    for col in ("path", "concurrency", "ok/requests", "s", "req/s", "tok/s", "TTFT p50 ms"):
+    for col in ("path", "concurrency", "ok/requests", "s", "req/s", "tok/s", "TTFT p50 ms", "tunnel CPU s"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -252,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             str(r.rps),
             str(r.tok_s),
             str(r.ttft_p50_ms),
+            str(r.tunnel_cpu_s),
         )
     con = Console()
     con.print(table)

@@ -84,13 +84,6 @@ class SSHTarget:
             extra_options=tuple(data.get("extra_options") or ()),
         )
 
-    def known_hosts_files(self) -> list[Path]:
-        """The known_hosts files host keys are checked against (for Paramiko, which has no defaults)."""
-        if self.known_hosts:
-            return [self.known_hosts]
-        default = Path.home() / ".ssh" / "known_hosts"
-        return [default] if default.exists() else []
-
     @classmethod
     def from_inventory(cls, inventory: str | Path, host_name: str) -> SSHTarget:
         """Build a target from an Ansible inventory, using the real ``ansible-inventory`` resolver.

@@ -41,13 +41,6 @@ def find_free_port(start: int = DEFAULT_PORT, host: str = "127.0.0.1", tries: in
     raise NoFreePortError(f"no free TCP port on {host} in {start}..{start + tries - 1}")
 
 
-def ephemeral_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out (free at the time of the call)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -111,7 +104,3 @@ def listening_pids(port: int) -> dict[int, str]:
     if not found:
         found[-1] = "(listener owner not visible)"
     return found
-
-
-def is_listening(port: int) -> bool:
-    return bool(_listening_inodes(port))

@@ -1,47 +1,52 @@
-"""Local port forward to the model server on the host: ``127.0.0.1:LP -> host 127.0.0.1:RP``.
+"""Local port forward to a service on the host: ``127.0.0.1:LP -> host 127.0.0.1:RP``.
 
-Two implementations with one interface (:class:`Tunnel`):
+The local port belongs to this process, not to ssh: a listener thread accepts each connection and
+hands it to one OpenSSH master connection of the tunnel's own (``ssh -M -N`` with a private control
+socket, independent of the shared connection :mod:`llama3_ops.remote.transport` uses) as a *stdio
+forward*: what ``ssh -W host:port`` asks a master for (OpenSSH's PROTOCOL.mux, ``MUX_C_NEW_STDIO_FWD``).
+The accepted socket's file descriptor itself is passed over the control socket, so ssh reads and
+writes it directly: no byte of the stream goes through Python.
 
-* :class:`OpenSSHTunnel` (default): ``ssh -N -L 127.0.0.1:LP:127.0.0.1:RP -o ExitOnForwardFailure=yes
-  -o ServerAliveInterval=... -o ServerAliveCountMax=...`` supervised by a watchdog thread that restarts
-  it when it exits (network drop, sshd restart, killed).
-* :class:`ParamikoTunnel`: we bind the local socket ourselves *before* connecting (so a busy port fails
-  at once, unlike Fabric's ``forward_local`` which binds in a thread and only raises at block exit) and
-  open one ``direct-tcpip`` channel per accepted connection; a heartbeat detects dead peers.
+A watchdog restarts the master when it exits (network drop, sshd restart, killed). Meanwhile the local
+port keeps accepting: new connections wait for the new master (up to ``TunnelSpec.queue_timeout``) and
+then go through; only streams in flight when the master died are lost.
 
-Both bind 127.0.0.1 only, move to the next free port when the wanted one is busy (and say so), declare
-ready only once the local listener accepts, check host keys strictly (no silent accept) and reconnect.
+Binds 127.0.0.1 only, moves to the next free port when the wanted one is busy (and says so), checks
+host keys strictly (no silent accept) and declares ready only once the master is up.
 
-Detached mode runs ``python -m llama3_ops.remote.tunnel supervise STATE`` in its own session; its state file and
-log live in ``~/.local/state/llama3-ops/tunnels/`` (``LLAMA3_OPS_STATE_DIR`` overrides the root) so
-``tunnel_status()``/``down()`` find it.
+Detached mode runs ``python -m llama3_ops.remote.tunnel supervise STATE`` in its own session; its state
+file and log live in ``~/.local/state/llama3-ops/tunnels/`` (``LLAMA3_OPS_STATE_DIR`` overrides the
+root) so ``tunnel_status()``/``down()``/``live_tunnel()`` find it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import itertools
 import json
 import os
-import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from llama3_ops.errors import Llama3OpsError
 from llama3_ops.remote.connection import HostKeyMismatchError, SSHError, SSHTarget, classify_ssh_failure
-from llama3_ops.remote.ports import DEFAULT_PORT, find_free_port, is_port_free, port_accepts
+from llama3_ops.remote.ports import DEFAULT_PORT, find_free_port, port_accepts
 from llama3_ops.remote.procs import stop_process
+from llama3_ops.remote.transport import control_dir
 
-Impl = Literal["openssh", "paramiko"]
 EventSink = Callable[[str], None]
 
 
@@ -64,7 +69,6 @@ class TunnelSpec:
     remote_port: int = DEFAULT_PORT
     local_port: int = DEFAULT_PORT
     remote_host: str = "127.0.0.1"
-    impl: Impl = "openssh"
     name: str = "llm"
     auto_port: bool = True  # busy local port -> next free one (said via the event sink)
     keepalive_interval: int = 2
@@ -78,6 +82,7 @@ class TunnelSpec:
     # OpenSSH's default chacha20-poly1305; chacha20 stays as the fallback for hosts without it.
     ciphers: str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
     health_path: str | None = "/health"  # re-checked after each reconnect; None: don't
+    queue_timeout: float = 30.0  # how long a connection accepted while ssh reconnects waits for it
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,7 +91,8 @@ class TunnelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TunnelSpec:
-        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}  # state files of older versions had "impl"
         d["target"] = SSHTarget.from_dict(d["target"])
         return cls(**d)
 
@@ -103,18 +109,149 @@ class Reconnect:
         return self.up_at - self.down_at
 
 
-def _pick_port(spec: TunnelSpec, say: EventSink) -> int:
-    if is_port_free(spec.local_port):
-        return spec.local_port
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    return sock
+
+
+def bind_listener(spec: TunnelSpec, say: EventSink) -> socket.socket:
+    """The tunnel's local listener, bound now (a busy port is known at once, not when ssh starts)."""
+    try:
+        return _bind(spec.local_port)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise TunnelError(f"cannot listen on 127.0.0.1:{spec.local_port}: {exc.strerror}") from exc
     if not spec.auto_port:
         raise TunnelError(f"local port 127.0.0.1:{spec.local_port} is busy (auto_port is off)")
     port = find_free_port(spec.local_port + 1)
     say(f"local port {spec.local_port} is busy; using 127.0.0.1:{port} instead")
-    return port
+    return _bind(port)
+
+
+# --------------------------------------------------------------------------- OpenSSH mux protocol
+# PROTOCOL.mux in OpenSSH: packets are uint32 length + body; strings are uint32 length + bytes.
+
+MUX_VERSION = 4
+MUX_MSG_HELLO = 0x00000001
+MUX_C_NEW_STDIO_FWD = 0x10000008
+MUX_S_SESSION_OPENED = 0x80000006
+
+
+class NoMaster(OSError):
+    """No master took the connection: gone, dying, or its accept backlog full. Retry soon."""
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def _string(b: bytes) -> bytes:
+    return _u32(len(b)) + b
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise NoMaster("control socket closed")
+        buf += chunk
+    return buf
+
+
+def _recv_packet(sock: socket.socket) -> bytes:
+    (length,) = struct.unpack(">I", _recv_exact(sock, 4))
+    return _recv_exact(sock, length)
+
+
+def _hello(ctl: socket.socket) -> None:
+    ctl.sendall(_string(_u32(MUX_MSG_HELLO) + _u32(MUX_VERSION)))
+    kind, version = struct.unpack(">II", _recv_packet(ctl)[:8])
+    if kind != MUX_MSG_HELLO or version != MUX_VERSION:
+        raise TunnelError(f"unexpected ssh mux hello (type {kind:#x}, version {version})")
+
+
+def mux_connect(control_path: str, timeout: float = 5.0) -> socket.socket:
+    """A control connection to the master at ``control_path``, hello exchanged."""
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.settimeout(timeout)
+    try:
+        ctl.connect(control_path)
+        _hello(ctl)
+    except (FileNotFoundError, ConnectionError, BlockingIOError) as exc:  # BlockingIOError: backlog full
+        ctl.close()
+        raise NoMaster(str(exc)) from exc
+    except BaseException:
+        ctl.close()
+        raise
+    return ctl
+
+
+def open_stdio_forward(control_path: str, conn: socket.socket, host: str, port: int) -> socket.socket:
+    """Hand ``conn`` to the master as a stdio forward to ``host:port`` (``ssh -W``).
+
+    Returns the control connection: the forward lives as long as it stays open (the master closes it
+    when the stream ends). Raises :class:`NoMaster` when no master took it (retry: soon there is one),
+    :class:`TunnelError` when the master refused it (e.g. nothing listens on ``host:port``).
+    """
+    ctl = mux_connect(control_path)
+    try:
+        ctl.sendall(_string(_u32(MUX_C_NEW_STDIO_FWD) + _u32(1) + _string(b"") + _string(host.encode())
+                            + _u32(port)))
+        for _ in range(2):  # its stdin, then its stdout: the same socket
+            socket.send_fds(ctl, [b"\0"], [conn.fileno()])
+        ctl.settimeout(30)
+        reply = _recv_packet(ctl)
+    except ConnectionError as exc:  # a dying master: its socket was still there, then reset
+        ctl.close()
+        raise NoMaster(str(exc)) from exc
+    except BaseException:
+        ctl.close()
+        raise
+    (kind,) = struct.unpack(">I", reply[:4])
+    if kind != MUX_S_SESSION_OPENED:
+        ctl.close()
+        (n,) = struct.unpack(">I", reply[8:12]) if len(reply) >= 12 else (0,)
+        raise TunnelError(f"ssh refused the forward to {host}:{port}: {reply[12:12 + n].decode(errors='replace')}")
+    ctl.settimeout(None)
+    return ctl
+
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child
+    """Linux: the ssh child gets SIGTERM when its supervisor dies (no orphaned connections)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_SOCKET_SUFFIX = 17  # ssh listens on "PATH.<16 random chars>" first, then links it to PATH
+_SUN_PATH_MAX = 104  # sockaddr_un.sun_path: 108 on Linux, 104 on macOS/BSD
+_serial = itertools.count(1)
+
+
+def _control_path() -> tuple[Path, Path | None]:
+    """A control socket path of this tunnel's own, and a temp dir to remove (when one was needed)."""
+    name = f"tunnel-{os.getpid()}-{next(_serial)}"
+    path = control_dir() / name
+    if len(str(path)) + _SOCKET_SUFFIX < _SUN_PATH_MAX:
+        return path, None
+    tmp = Path(tempfile.mkdtemp(prefix="l3t-"))  # mode 0700
+    return tmp / name, tmp
+
+
+# --------------------------------------------------------------------------- the tunnel
 
 
 class Tunnel:
-    """Common supervision: start -> ready; watchdog -> reconnect + health re-check; stop."""
+    """Our listener on 127.0.0.1:LP, one supervised ssh master, one stdio forward per connection."""
 
     def __init__(self, spec: TunnelSpec, on_event: EventSink | None = None) -> None:
         self.spec = spec
@@ -122,120 +259,44 @@ class Tunnel:
         self.say: EventSink = on_event or (lambda msg: print(f"[tunnel] {msg}", file=sys.stderr))
         self.reconnects: list[Reconnect] = []
         self.fatal: BaseException | None = None
+        self.on_reconnect: Callable[[Reconnect], None] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: deque[str] = deque(maxlen=50)
+        self._listener: socket.socket | None = None
+        self.control_path, self._control_tmp = _control_path()
+        self._up = threading.Event()  # a master is ready for forwards
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self.on_reconnect: Callable[[Reconnect], None] | None = None
-
-    # subclass API
-    def _connect(self, first: bool) -> None:
-        raise NotImplementedError
-
-    def _wait_dead(self) -> str:
-        """Block until the current connection is gone (or stopping); return a reason."""
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        raise NotImplementedError
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.local_port}"
 
-    def start(self, timeout: float = 30.0) -> Tunnel:
-        self.local_port = _pick_port(self.spec, self.say)
-        self._connect(first=True)
-        self._watchdog = threading.Thread(target=self._supervise, name="tunnel-watchdog", daemon=True)
-        self._watchdog.start()
-        return self
+    @property
+    def pid(self) -> int | None:
+        """The ssh master's pid (kill it and the tunnel reconnects)."""
+        return self.proc.pid if self.proc else None
 
-    def _health(self) -> str:
-        if not self.spec.health_path:
-            return ""
-        from llama3_ops.remote.health import LocalHttpProbe, check_once
-
-        ok, detail = check_once(LocalHttpProbe(self.url), timeout=5)
-        return "healthy" if ok else f"unhealthy ({detail})"
-
-    def _supervise(self) -> None:
-        while not self._stopping.is_set():
-            reason = self._wait_dead()
-            if self._stopping.is_set():
-                return
-            down_at = time.monotonic()
-            self.say(f"connection lost ({reason}); reconnecting")
-            delay, attempts = 0.1, 0
-            while not self._stopping.is_set():
-                attempts += 1
-                try:
-                    self._connect(first=False)
-                except HostKeyMismatchError as exc:
-                    self.fatal = exc
-                    self.say(f"giving up: {exc}")
-                    return
-                except (TunnelError, SSHError, OSError) as exc:
-                    if attempts in (1, 5) or attempts % 20 == 0:
-                        self.say(f"reconnect attempt {attempts} failed: {str(exc).splitlines()[0][:200]}")
-                    self._stopping.wait(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                rec = Reconnect(down_at, time.monotonic(), attempts)
-                rec.health = self._health()
-                self.reconnects.append(rec)
-                self.say(f"reconnected after {rec.seconds:.2f}s ({attempts} attempt(s)); server {rec.health}")
-                if self.on_reconnect:
-                    self.on_reconnect(rec)
-                break
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._close()
-        if self._watchdog and self._watchdog is not threading.current_thread():
-            self._watchdog.join(timeout=10)
-        deadline = time.monotonic() + 5
-        while port_accepts(self.local_port, timeout=0.2) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def __enter__(self) -> Tunnel:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# --------------------------------------------------------------------------- OpenSSH
-
-
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child
-    """Linux: the ssh child gets SIGTERM when its supervisor dies (no orphaned forwards)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class OpenSSHTunnel(Tunnel):
-    def __init__(self, spec: TunnelSpec, on_event: EventSink | None = None) -> None:
-        super().__init__(spec, on_event)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stderr: deque[str] = deque(maxlen=50)
+    # ------------------------------------------------------------------ ssh master
 
     def argv(self, connect_timeout: int | None = None) -> list[str]:
         s = self.spec
         return [
             "ssh",
+            # ours first: for each option OpenSSH keeps the first value, and inventories may set
+            # ControlMaster/ControlPath for their own connections (extra_options)
+            "-o", "ControlMaster=yes",
+            "-o", f"ControlPath={self.control_path}",
+            "-o", "ControlPersist=no",
+            "-o", "ClearAllForwardings=yes",
             *s.target.ssh_options(),
             "-N",
             "-T",
-            "-o", "ExitOnForwardFailure=yes",
             "-o", f"ServerAliveInterval={s.keepalive_interval}",
             "-o", f"ServerAliveCountMax={s.keepalive_count}",
             "-o", f"ConnectTimeout={connect_timeout or s.connect_timeout}",
             "-o", "TCPKeepAlive=yes",
             *(["-o", f"Ciphers={s.ciphers}"] if s.ciphers else []),
-            "-o", "ControlMaster=no",
-            "-o", "ControlPath=none",
-            "-o", "ClearAllForwardings=no",
-            "-L", f"127.0.0.1:{self.local_port}:{s.remote_host}:{s.remote_port}",
             s.target.destination,
         ]  # fmt: skip
 
@@ -246,8 +307,17 @@ class OpenSSHTunnel(Tunnel):
             if line:
                 self._stderr.append(line)
 
+    def _master_ready(self) -> bool:
+        try:
+            mux_connect(str(self.control_path), timeout=1.0).close()
+        except (OSError, TunnelError):
+            return False
+        return True
+
     def _connect(self, first: bool) -> None:
+        """Start a master and wait until its control socket answers (it listens only once logged in)."""
         self._stderr.clear()
+        self.control_path.unlink(missing_ok=True)  # a killed master leaves its socket behind
         timeout = self.spec.connect_timeout if first else self.spec.reconnect_timeout
         proc = subprocess.Popen(
             self.argv(timeout),
@@ -258,226 +328,149 @@ class OpenSSHTunnel(Tunnel):
         )
         threading.Thread(target=self._reader, args=(proc,), daemon=True).start()
         deadline = time.monotonic() + timeout + 5
-        while True:
+        while not (self.control_path.exists() and self._master_ready()):
             rc = proc.poll()
             if rc is not None:
                 time.sleep(0.05)  # let the reader drain stderr
-                err = "\n".join(self._stderr)
-                if "Address already in use" in err or "cannot listen to port" in err:
-                    raise TunnelError(f"local port 127.0.0.1:{self.local_port} is busy: {err[-300:]}")
-                raise classify_ssh_failure(self.spec.target, err or f"ssh exited with {rc}")
-            if port_accepts(self.local_port, timeout=0.2):
-                break
+                raise classify_ssh_failure(self.spec.target, "\n".join(self._stderr) or f"ssh exited with {rc}")
             if time.monotonic() > deadline or self._stopping.is_set():
-                proc.kill()
-                proc.wait()
-                raise TunnelError(f"ssh -L did not open 127.0.0.1:{self.local_port} in time")
-            time.sleep(0.03)
+                stop_process(proc, timeout=2)
+                raise TunnelError(f"ssh to {self.spec.target.label} did not come up in {timeout + 5}s")
+            time.sleep(0.02)
         self.proc = proc
+        self._up.set()
 
     def _wait_dead(self) -> str:
         proc = self.proc
         if proc is None:
             return "no process"
         rc = proc.wait()
+        self._up.clear()
         return f"ssh exited rc={rc}: {' | '.join(list(self._stderr)[-2:])}"
 
-    def _close(self) -> None:
-        proc = self.proc
-        if proc and proc.poll() is None:
-            stop_process(proc, timeout=5)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-
-# --------------------------------------------------------------------------- Paramiko
-
-
-class ParamikoTunnel(Tunnel):
-    """Own accept loop + one ``direct-tcpip`` channel per connection over one Paramiko transport."""
-
-    def __init__(self, spec: TunnelSpec, on_event: EventSink | None = None) -> None:
-        super().__init__(spec, on_event)
-        self.client: Any = None
-        self._listener: socket.socket | None = None
-        self._up = threading.Event()
-        self._lock = threading.Lock()
-        self._last_beat = time.monotonic()
+    # ------------------------------------------------------------------ local side
 
     def start(self, timeout: float = 30.0) -> Tunnel:
-        port = _pick_port(self.spec, self.say)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))  # bound now: a busy port raises here, not later
-        except OSError as exc:
-            sock.close()
-            raise TunnelError(f"cannot bind 127.0.0.1:{port}: {exc}") from exc
-        sock.listen(1024)
-        self._listener = sock
-        self.local_port = port
+        listener = bind_listener(self.spec, self.say)
+        self.local_port = int(listener.getsockname()[1])
         try:
             self._connect(first=True)
         except BaseException:
-            sock.close()
+            listener.close()
+            self._cleanup_control()
             raise
-        threading.Thread(target=self._accept_loop, name="tunnel-accept", daemon=True).start()
+        self._listener = listener
+        threading.Thread(target=self._accept_loop, args=(listener,), name="tunnel-accept", daemon=True).start()
         self._watchdog = threading.Thread(target=self._supervise, name="tunnel-watchdog", daemon=True)
         self._watchdog.start()
-        if not port_accepts(self.local_port, timeout=2):
-            raise TunnelError(f"listener on 127.0.0.1:{self.local_port} does not accept")
         return self
 
-    def _connect(self, first: bool) -> None:
-        import paramiko
-
-        t = self.spec.target
-        if t.jump:
-            raise TunnelError("the paramiko tunnel does not support jump hosts; use impl='openssh'")
-        client = paramiko.SSHClient()
-        for kh in t.known_hosts_files():
-            client.load_host_keys(str(kh))
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        hostport = t.host if t.port == 22 else f"[{t.host}]:{t.port}"
-        kh_label = str(t.known_hosts or "~/.ssh/known_hosts")
-        try:
-            client.connect(
-                t.host,
-                port=t.port,
-                username=t.user,
-                key_filename=str(t.key_file) if t.key_file else None,
-                look_for_keys=t.key_file is None,
-                allow_agent=t.key_file is None,
-                timeout=self.spec.connect_timeout,
-                banner_timeout=self.spec.connect_timeout,
-                auth_timeout=self.spec.connect_timeout,
-            )
-        except paramiko.BadHostKeyException as exc:
-            client.close()
-            raise HostKeyMismatchError(
-                f"host key for {hostport} does not match known_hosts {kh_label}: refusing to connect"
-            ) from exc
-        except paramiko.SSHException as exc:
-            client.close()
-            if "not found in known_hosts" in str(exc):
-                raise HostKeyMismatchError(
-                    f"host key for {hostport} is not in known_hosts {kh_label}: refusing to connect"
-                ) from exc
-            raise SSHError(f"ssh to {t.label} failed: {exc}") from exc
-        except OSError as exc:
-            client.close()
-            raise SSHError(f"ssh to {t.label} failed: {exc}") from exc
-        transport = client.get_transport()
-        assert transport is not None
-        transport.set_keepalive(self.spec.keepalive_interval)
-        with self._lock:
-            old, self.client = self.client, client
-            self._last_beat = time.monotonic()
-        if old is not None:
-            old.close()
-        self._up.set()
-        threading.Thread(target=self._heartbeat, args=(client,), daemon=True).start()
-
-    def _heartbeat(self, client: Any) -> None:
-        """Answered keepalives; the watchdog closes a transport whose peer stopped answering."""
-        transport = client.get_transport()
-        while transport is not None and transport.is_active() and not self._stopping.is_set():
-            with contextlib.suppress(Exception):
-                # returns on any reply (OpenSSH answers "failure") or when the transport dies
-                transport.global_request("keepalive@openssh.com", wait=True)
-                if transport.is_active():
-                    self._last_beat = time.monotonic()
-            self._stopping.wait(self.spec.keepalive_interval)
-
-    def _wait_dead(self) -> str:
-        limit = self.spec.keepalive_interval * (self.spec.keepalive_count + 1)
-        while not self._stopping.is_set():
-            client = self.client
-            transport = client.get_transport() if client else None
-            if transport is None or not transport.is_active():
-                self._up.clear()
-                return "transport closed"
-            if time.monotonic() - self._last_beat > limit:
-                self._up.clear()
-                client.close()
-                return f"no keepalive answer for {limit}s"
-            self._stopping.wait(0.05)
-        return "stopping"
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
+    def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
-                conn, addr = listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._handle, args=(conn, addr), daemon=True).start()
+            threading.Thread(target=self._forward, args=(conn,), daemon=True).start()
 
-    def _handle(self, conn: socket.socket, addr: tuple[str, int]) -> None:
-        chan = None
-        try:
-            # during a reconnect, new connections wait (up to 15 s) instead of being refused
-            for _ in range(3):
-                if not self._up.wait(15) or self._stopping.is_set():
-                    return
-                client = self.client
-                transport = client.get_transport() if client else None
-                try:
-                    if transport is None:
-                        raise EOFError
-                    chan = transport.open_channel(
-                        "direct-tcpip", (self.spec.remote_host, self.spec.remote_port), addr, timeout=10
-                    )
-                    break
-                except Exception:
-                    self._up.clear() if transport is None or not transport.is_active() else None
-                    time.sleep(0.1)
-            if chan is None:
+    def _hand_over(self, conn: socket.socket) -> socket.socket | None:
+        """Give ``conn`` to the master, waiting through reconnects; None when that is not possible."""
+        deadline = time.monotonic() + self.spec.queue_timeout
+        while not self._stopping.is_set() and self.fatal is None:
+            if not self._up.wait(max(0.0, deadline - time.monotonic())):
+                return None
+            if self._stopping.is_set() or self.fatal is not None:
+                return None
+            try:
+                return open_stdio_forward(str(self.control_path), conn, self.spec.remote_host, self.spec.remote_port)
+            except NoMaster:  # busy, or it just died: the watchdog notices that and starts the next one
+                time.sleep(0.02)
+            except (OSError, TunnelError):
+                return None
+        return None
+
+    def _forward(self, conn: socket.socket) -> None:
+        with conn:
+            ctl = self._hand_over(conn)
+        if ctl is None:
+            return
+        with ctl, contextlib.suppress(OSError):
+            ctl.recv(1)  # the master closes the control connection when the stream ends
+
+    # ------------------------------------------------------------------ supervision
+
+    def _health(self) -> str:
+        if not self.spec.health_path:
+            return ""
+        from llama3_ops.remote.health import LocalHttpProbe, check_once
+
+        ok, detail = check_once(LocalHttpProbe(self.url), timeout=5)
+        return "healthy" if ok else f"unhealthy ({detail})"
+
+    def _reconnect(self, down_at: float) -> Reconnect | None:
+        delay, attempts = 0.1, 0
+        while not self._stopping.is_set():
+            attempts += 1
+            try:
+                self._connect(first=False)
+            except HostKeyMismatchError as exc:
+                self.fatal = exc
+                self._up.set()  # release waiting connections: they see fatal and close
+                self.say(f"giving up: {exc}")
+                return None
+            except (TunnelError, SSHError, OSError) as exc:
+                if attempts in (1, 5) or attempts % 20 == 0:
+                    self.say(f"reconnect attempt {attempts} failed: {str(exc).splitlines()[0][:200]}")
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            return Reconnect(down_at, time.monotonic(), attempts)
+        return None
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            reason = self._wait_dead()
+            if self._stopping.is_set():
                 return
-            while True:
-                r, _, _ = select.select([conn, chan], [], [], 1.0)
-                if self._stopping.is_set():
-                    return
-                if conn in r:
-                    data = conn.recv(65536)
-                    if not data:
-                        chan.shutdown_write()
-                        # drain the rest of the answer
-                        while True:
-                            d = chan.recv(65536)
-                            if not d:
-                                return
-                            conn.sendall(d)
-                    chan.sendall(data)
-                if chan in r:
-                    data = chan.recv(65536)
-                    if not data:
-                        return
-                    conn.sendall(data)
-        except OSError:
-            return
-        except Exception:
-            return
-        finally:
-            if chan is not None:
-                chan.close()
-            conn.close()
+            down_at = time.monotonic()
+            self.say(f"connection lost ({reason}); reconnecting")
+            rec = self._reconnect(down_at)
+            if rec is None:
+                return
+            rec.health = self._health()
+            self.reconnects.append(rec)
+            self.say(f"reconnected after {rec.seconds:.2f}s ({rec.attempts} attempt(s)); server {rec.health}")
+            if self.on_reconnect:
+                self.on_reconnect(rec)
 
-    def _close(self) -> None:
+    def _cleanup_control(self) -> None:
+        self.control_path.unlink(missing_ok=True)
+        if self._control_tmp is not None:
+            with contextlib.suppress(OSError):
+                self._control_tmp.rmdir()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._up.set()  # release waiting connections
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
-        self._up.set()  # release waiters
-        if self.client is not None:
-            self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            stop_process(self.proc, timeout=5)
+        if self._watchdog and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout=10)
+        self._cleanup_control()
+
+    def __enter__(self) -> Tunnel:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def make_tunnel(spec: TunnelSpec, on_event: EventSink | None = None) -> Tunnel:
-    return (OpenSSHTunnel if spec.impl == "openssh" else ParamikoTunnel)(spec, on_event)
+    return Tunnel(spec, on_event)
 
 
 # --------------------------------------------------------------------------- foreground
@@ -491,8 +484,8 @@ def run_foreground(spec: TunnelSpec, console: Any = None) -> int:
     tun = make_tunnel(spec, on_event=lambda m: con.print(f"[yellow]tunnel:[/] {m}"))
     tun.start()
     con.print(
-        f"[green]tunnel up[/]: {tun.url}/v1 -> {spec.target.label} {spec.remote_host}:{spec.remote_port} "
-        f"({spec.impl}); Ctrl-C to close"
+        f"[green]tunnel up[/]: {tun.url}/v1 -> {spec.target.label} {spec.remote_host}:{spec.remote_port}; "
+        "Ctrl-C to close"
     )
     try:
         while tun.fatal is None:
@@ -517,7 +510,6 @@ class TunnelState:
     local_port: int | None = None
     remote_port: int | None = None
     target: str = ""
-    impl: str = ""
     error: str = ""
     events: list[str] = field(default_factory=list)
     reconnects: int = 0
@@ -584,7 +576,7 @@ def _supervise_main(state_path: Path) -> int:
         return 1
     state.update(status="ready", local_port=tun.local_port, started=time.time())
     _write_state(state_path, state)
-    say(f"ready: {tun.url} -> {spec.target.label} {spec.remote_host}:{spec.remote_port} ({spec.impl})")
+    say(f"ready: {tun.url} -> {spec.target.label} {spec.remote_host}:{spec.remote_port}")
     while not stop_evt.wait(0.5):
         if tun.fatal is not None:
             state.update(status="failed", error=str(tun.fatal))
@@ -652,7 +644,6 @@ def _read(path: Path) -> TunnelState | None:
         local_port=data.get("local_port"),
         remote_port=spec.get("remote_port"),
         target=SSHTarget.from_dict(spec["target"]).label if spec.get("target") else "",
-        impl=str(spec.get("impl", "")),
         error=str(data.get("error", "")),
         events=list(data.get("events", [])),
         reconnects=int(data.get("reconnects", 0)),
@@ -673,6 +664,25 @@ def tunnel_status(root: Path | None = None) -> list[TunnelState]:
         if st:
             out.append(st)
     return out
+
+
+def live_tunnel(
+    name: str = "llm", *, remote_port: int | None = None, target: str | None = None, root: Path | None = None
+) -> TunnelState | None:
+    """The detached tunnel named ``name`` (the model server's is "llm") when it is up and accepting.
+
+    ``remote_port`` / ``target`` (an :attr:`SSHTarget.label`): also require that it forwards to that
+    port / host. None when there is no such tunnel (dead or not accepting ones do not count).
+    """
+    for st in tunnel_status(root):
+        if st.name != name or not (st.alive and st.accepting):
+            continue
+        if remote_port is not None and st.remote_port != remote_port:
+            continue
+        if target is not None and st.target != target:
+            continue
+        return st
+    return None
 
 
 def _kill_supervisor(pid: int, timeout: float = 8.0) -> None:
@@ -717,7 +727,7 @@ def print_tunnels(states: list[TunnelState], console: Any = None) -> None:
     from rich.table import Table
 
     table = Table(title="tunnels on this machine")
-    for col in ("name", "state", "local", "remote", "impl", "pid", "reconnects", "note"):
+    for col in ("name", "state", "local", "remote", "pid", "reconnects", "note"):
         table.add_column(col)
     for st in states:
         ok = st.alive and st.accepting
@@ -727,7 +737,6 @@ def print_tunnels(states: list[TunnelState], console: Any = None) -> None:
             state,
             st.url if st.local_port else "",
             f"{st.target}:{st.remote_port}",
-            st.impl,
             str(st.pid),
             str(st.reconnects),
             (st.error or (st.events[-1] if st.events else ""))[:80],
