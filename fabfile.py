@@ -80,14 +80,15 @@ serve = fab_task("serve", "Start (or reuse) the model server on the host and ope
 ), _serve)
 
 
-@task(help={"local_port": "the tunnel's local end, when none is open yet"})
+@task(help={"local_port": "the tunnel's local end, when none is open yet",
+            "port": "the model server's port on the host"})
 @user_errors
-def client(c: Connection, local_port: int = 23333) -> None:
-    """Interactive streamed chat through the tunnel (opens one if none is up)."""
-    states = [s for s in tunnel.tunnel_status() if s.alive]
-    if not states:
-        states = [tunnel.up(tunnel.TunnelSpec(target=_remote(c).target, local_port=local_port))]
-    sys.exit(chat_client.repl(states[0].url, api_key=os.environ.get(srv.API_KEY_ENV)))
+def client(c: Connection, local_port: int = 23333, port: int = 23333) -> None:
+    """Interactive streamed chat with fab serve's model server, through its tunnel (opened if none is up)."""
+    target = _remote(c).target
+    state = tunnel.live_tunnel(srv.SERVICE_NAME, remote_port=port, target=target.label) or tunnel.up(
+        tunnel.TunnelSpec(target=target, remote_port=port, local_port=local_port))
+    sys.exit(chat_client.repl(state.url, api_key=os.environ.get(srv.API_KEY_ENV)))
 
 
 @task

@@ -27,7 +27,6 @@ import hashlib
 import json
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -470,38 +469,3 @@ printf '=== llama3-ops stop %s\\n' "$(date -Is)" >> "$L/$N.log" 2>/dev/null || t
                 st.log_tail,
             )
     return st
-
-
-def forget(remote: Remote, name: str) -> None:
-    """Remove a stopped service's state files (the log stays)."""
-    n = shlex.quote(name)
-    remote.run(
-        _PRELUDE
-        + f"""N={n}
-rm -f "$R/$N.sh" "$R/$N.env" "$R/$N.fp" "$R/$N.json" "$R/$N.pid" "$R/$N.exit" "$R/$N.mode"
-rm -f "$HOME/.config/systemd/user/llama3-$N.service"
-""",
-        timeout=30,
-    )
-
-
-def print_status(statuses: Sequence[ServiceStatus], file: IO[str] | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="services")
-    for col in ("name", "state", "mode", "pid", "port", "exit", "fingerprint", "command"):
-        table.add_column(col)
-    for st in statuses:
-        color = {"running": "green", "dead": "red"}.get(st.state, "yellow")
-        table.add_row(
-            st.name,
-            f"[{color}]{st.state}[/]",
-            st.mode,
-            str(st.pid or ""),
-            f"{st.port or ''}{' (listening)' if st.listening else ''}",
-            st.exit_status or "",
-            st.fingerprint,
-            st.command,
-        )
-    Console(file=file or sys.stdout).print(table)
