@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_serve_as_systemd_unit_and_chat_through_the_tunnel(provisioned: Provisio
             again = srv.serve(remote, CFG, timeout=60)
             assert not again.started_now and again.status.pid == result.status.pid
             with pytest.raises(services.FingerprintMismatchError):
-                srv.serve(remote, srv.with_overrides(CFG, log_level="INFO"), timeout=60)
+                srv.serve(remote, replace(CFG, log_level="INFO"), timeout=60)
         finally:
             tunnel.down("t", root=root)
         assert is_port_free(state.local_port or 0)

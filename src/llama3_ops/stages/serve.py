@@ -13,7 +13,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -255,8 +255,6 @@ def stop(remote: Remote, name: str = SERVICE_NAME, timeout: float = 30.0) -> Ser
     return services.stop(remote, name, timeout=timeout)
 
 
-def with_overrides(cfg: ServeConfig, **kw: object) -> ServeConfig:
-    return replace(cfg, **kw)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- status report
