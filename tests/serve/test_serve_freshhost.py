@@ -81,22 +81,28 @@ def test_serve_as_systemd_unit_and_chat_through_the_tunnel(provisioned: Provisio
 
 
 def test_fab_serve_detached_status_and_down(provisioned: Provisioned, tmp_path: Path) -> None:
-    """The fabfile itself, as a user runs it, against the inventory Ansible used."""
+    """The fabfile itself, as a user runs it, against the inventory Ansible used: status and down exactly
+    as `nox -s demo -- --keep` prints them (run by a shell, from another folder)."""
+    from llama3_ops.lab.demo import kept_commands
+
     env = {**os.environ, "LLAMA3_INVENTORY": str(provisioned.inventory), "LLAMA3_OPS_STATE_DIR": str(tmp_path)}
     fab = [str(Path(sys.executable).parent / "fab"), "--search-root", str(ROOT), "-H", provisioned.name]
+    printed = {c.split(" -H ")[-1].split()[1]: c for c in kept_commands(provisioned.inventory, provisioned.name,
+                                                                           provisioned.lab.base) if " -H " in c}
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*fab, *args], env=env, capture_output=True, text=True, timeout=600, check=False)
+    def shell(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", command], env={**env, "LLAMA3_INVENTORY": ""}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, check=False)
 
-    up = run("serve", "--engine", "transformers", "--env", "~/envs/lmdeploy/bin", "--detach",
-             "--local-port", str(find_free_port()))
+    up = subprocess.run([*fab, "serve", "--engine", "transformers", "--detach", "--local-port", str(find_free_port())],
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
     try:
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
         assert "/docs" in up.stdout
-        st = run("status")
+        st = shell(printed["status"])
         assert st.returncode == 0 and "running" in st.stdout and "healthy" in st.stdout, st.stdout + st.stderr
     finally:
-        down = run("down")
+        down = shell(printed["down"])
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stopped llm" in down.stdout
     assert listeners(provisioned) == []

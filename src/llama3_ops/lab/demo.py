@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import urllib.request
@@ -82,6 +83,22 @@ def _show_host(lab: FreshHostLab, target: SSHTarget) -> None:
     console.print(table)
 
 
+def kept_commands(inventory: Path, host: str, lab_base: Path, bin_dir: Path | None = None) -> list[str]:
+    """What `--keep` prints: the user's commands against the kept host, exactly as they run from any folder
+    (the demo's inventory and venv named; fab finds this project's fabfile with -r)."""
+    bindir = bin_dir or Path(sys.executable).parent
+    fab = (f"LLAMA3_INVENTORY={shlex.quote(str(inventory))} {shlex.quote(str(bindir / 'fab'))} "
+           f"-r {shlex.quote(str(ROOT))}")
+    py = shlex.quote(str(bindir / "python"))
+    return [
+        f"{fab} -H {host} status",
+        f"{fab} -H {host} client",
+        f"{fab} -H {host} webdemo --detach",
+        f"{fab} -H {host} down",
+        f"{py} -m llama3_ops.lab.freshhost --base {shlex.quote(str(lab_base))} down {NAME} {IDX}",
+    ]
+
+
 def _ask(url: str, question: str) -> str:
     body = json.dumps({"model": "", "messages": [{"role": "user", "content": question}],
                        "max_tokens": 16, "temperature": 0}).encode()
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with console.status("building the bookworm rootfs (cached after the first time, ~45 s)"):
             lab.build()
-        _, target = _provision(lab, args.work)
+        inventory, target = _provision(lab, args.work)
         _show_host(lab, target)
 
         console.rule("fab serve --engine transformers  (server on the host's 127.0.0.1:23333)")
@@ -157,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the web demo did not start (exit {rc})")
         console.rule(f"demo finished in {time.monotonic() - t_start:.0f}s")
         if args.keep:
-            console.print(f"kept: ssh -i {lab.key} -o UserKnownHostsFile={target.known_hosts} "
-                          f"student@{target.host}; API at {state.url}; "
-                          "stop with: python -m llama3_ops.remote.tunnel down; "
-                          f"python -m llama3_ops.lab.freshhost down {NAME} {IDX}")
+            lines = [f"ssh -i {lab.key} -o UserKnownHostsFile={target.known_hosts} {target.user}@{target.host}",
+                     *kept_commands(inventory, target.name or target.host, lab.base)]
+            console.print(f"kept: the host, its server and the tunnels (API at {state.url}). Reach it with:",
+                          markup=False)
+            for line in lines:
+                console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
     except FreshHostError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"error: {exc}", style="red", markup=False)
         return 1
     finally:
         if not args.keep:
