@@ -391,6 +391,250 @@ def _detail_params(params: TrainParams) -> str:
             f"{params.torch_dtype}")
 
 
+@dataclass
+class _Run:
+    """One fine-tune run's context, shared by its steps."""
+
+    remote: Remote
+    job: Job
+    host: HostInfo
+    params: TrainParams
+    where: Literal["gpu", "cpu"]
+    model_path: str
+    scripts: str
+    pythonpath: list[str]
+    console: Console
+    on_progress: Callable[[finetune_log.IterProgress], None] | None
+    train_timeout: float | None
+    t0: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    config_path: str = ""
+    data_path: str = ""
+    run_fp: str = ""
+
+    @property
+    def work_dir(self) -> str:
+        return self.job.work_dir(self.host)
+
+    @property
+    def py(self) -> str:
+        return f"{self.host.env_bin}/python"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return step_env(self.host, ":".join(self.pythonpath) or None)
+
+    def service(self, argv: Sequence[str], step: str, env: dict[str, str] | None = None) -> ServiceSpec:
+        return ServiceSpec(name=self.job.service(step), argv=tuple(argv), env=env or self.env,
+                           cwd=self.host.course_dir)
+
+    def result(self, checkpoint: str, eval_answer: str | None, adapter: str | None = None,
+               merged: str | None = None, merged_answer: str | None = None) -> FinetuneResult:
+        timings = {**self.timings, "total": time.monotonic() - self.t0}
+        return _finish(self.console, self.job, FinetuneResult(
+            merged_path=merged, checkpoint=checkpoint, adapter=adapter, params=self.params, eval_answer=eval_answer,
+            merged_answer=merged_answer, skipped=self.skipped, timings=timings))
+
+
+def _prepare(remote: Remote, job: Job, *, base_model: str, device: Device, params: TrainParams | None,
+             cpu_iters: int, env_bin: str | None, console: Console) -> _Run:
+    """Preflight: the host, where to train, the parameters, GPU and disk, the base model and the env."""
+    if device not in ("auto", "gpu", "cpu"):
+        raise FinetuneError(f"device must be auto, gpu or cpu, got {device!r}")
+    host = read_host(remote, env_bin)
+    where = choose_device(remote, host, device)
+    p = params or job.params
+    if where == "cpu" and not p.on_cpu:
+        p = p.for_cpu(max_iters=cpu_iters)
+        console.print(
+            "[yellow]CPU host:[/] plain LoRA on fp32 weights instead of QLoRA (bitsandbytes' NF4 needs CUDA), "
+            f"{p.max_iters} iterations instead of {job.params.max_epochs} epochs, no fp16 AMP"
+        )
+    try:
+        p.validate()
+        if where == "gpu":
+            gpu = check_stage(remote, job.stage)
+            check_disk(remote, job.stage, "~/model")
+            if gpu is not None:
+                console.print(f"GPU {gpu.index} ({gpu.name}): {gpu.free_gib:.1f} GiB free")
+    except (ConfigError, GPUCheckError) as exc:
+        raise FinetuneError(str(exc)) from exc
+    model_path = check_base_model(remote, host, base_model)
+    scripts = upload_host_files(remote, host)
+    standin = f"{scripts}/torchvision_standin"
+    torchvision_ok = check_env(remote, host, standin)
+    if not torchvision_ok and not p.on_cpu:
+        raise FinetuneError(
+            f"torchvision does not import in {host.env_bin} on {remote.label}, and a GPU run needs the real one "
+            "(install the torchvision build that matches the env's torch)"
+        )
+    # CPU runs: CPUSupervisedFinetune (cpu_compat), and the torchvision stand-in only when the real
+    # torchvision does not import.
+    pythonpath = [f"{scripts}/cpu_compat"] if p.on_cpu else []
+    if not torchvision_ok:
+        pythonpath.append(standin)
+    return _Run(remote, job, host, p, where, model_path, scripts, pythonpath, console, None, None)
+
+
+def _configure(r: _Run) -> None:
+    """1-2. The data and the XTuner config on the host; the run's fingerprint covers both."""
+    t = time.monotonic()
+    r.data_path, data_digest = r.job.prepare_data(r.remote, r.host, r.console)
+    r.timings["data"] = time.monotonic() - t
+    r.config_path = f"{r.host.course_dir}/configs/{r.job.config_name}{'_cpu' if r.params.on_cpu else ''}.py"
+    inputs = ConfigInputs(
+        name=r.job.name, fab_task=r.job.fab_task, course_config=r.job.course_config, model_path=r.model_path,
+        data_path=r.data_path, dataset_format=r.job.dataset_format, dataset_map_fn=r.job.dataset_map_fn,
+        system=r.job.system, evaluation_inputs=r.job.evaluation_inputs,
+    )
+    try:
+        config_text = render(inputs, r.params)
+    except ConfigError as exc:
+        raise FinetuneError(str(exc)) from exc
+    put_text(r.remote, r.config_path, config_text)
+    r.run_fp = _sha(config_text + "\0" + data_digest)[:16]
+
+
+def _claim_work_dir(r: _Run, running: ServiceStatus) -> None:
+    """The work dir belongs to this run: another run's is moved aside (never while it trains)."""
+    remote, work_dir = r.remote, r.work_dir
+    marker = read_json(remote, f"{work_dir}/{RUN_MARKER}")
+    if marker is not None and marker.get("run") != r.run_fp:
+        if running.running:
+            raise FinetuneError(
+                f"a training with other settings or data is running on {remote.label} ({running.command}); wait "
+                f"for it (run the task with its settings to follow it) or stop it: fab stop --service "
+                f"{r.job.service('train')}"
+            )
+        aside = f"{work_dir}.prev"
+        remote.run(f"rm -rf {shlex.quote(aside)}; mv {shlex.quote(work_dir)} {shlex.quote(aside)}", timeout=120)
+        r.console.print(f"new settings or data: the previous work dir was moved to {aside}")
+        marker = None
+    remote.run(f"mkdir -p {shlex.quote(work_dir)}", timeout=30)
+    if marker is None:
+        put_text(remote, f"{work_dir}/{RUN_MARKER}", json.dumps(
+            {"run": r.run_fp, "config": r.config_path, "data": r.data_path, "params": _detail_params(r.params)}) + "\n")
+
+
+def _train(r: _Run) -> tuple[str, str, str | None]:
+    """3. Train (resuming from the newest checkpoint, or following a running training); the checkpoint
+    ``(name, path)`` and XTuner's evaluation answer."""
+    remote, work_dir, train_name = r.remote, r.work_dir, r.job.service("train")
+    t = time.monotonic()
+    running = services.status(remote, train_name, log_lines=0)
+    _claim_work_dir(r, running)
+    done = read_json(remote, f"{work_dir}/{TRAIN_DONE}")
+    if done is not None and done.get("run") == r.run_fp:
+        r.skipped.append("train")
+        r.console.print(f"training already finished ({done.get('checkpoint')}): skipped")
+    else:
+        if running.running:
+            r.console.print(f"training is running on {remote.label}: following it")
+            wait_service(remote, train_name, r.console, what="training", on_progress=r.on_progress,
+                         timeout=r.train_timeout)
+        else:
+            _start_training(r)
+        _check_training_complete(r, train_name)
+    r.timings["train"] = time.monotonic() - t
+    sample = finetune_log.final_answer(services.logs(remote, train_name, lines=2000).splitlines())
+    latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
+    if latest is None:
+        raise FinetuneError(f"{work_dir} holds no iter_<N>.pth checkpoint to convert")
+    return latest, f"{work_dir}/{latest}", sample.answer if sample else None
+
+
+def _start_training(r: _Run) -> None:
+    latest = finetune_log.latest_checkpoint(list_checkpoints(r.remote, r.work_dir))
+    argv = [r.py, "-m", "xtuner.tools.train", r.config_path, "--work-dir", r.work_dir]
+    train_env = r.env
+    if latest:
+        argv += ["--resume", f"{r.work_dir}/{latest}"]
+        # XTuner 0.2.0 and mmengine read the checkpoint (optimizer state, message hub) with
+        # torch.load's default, which is weights_only=True from torch 2.6 on and refuses
+        # mmengine's objects. The file is this work dir's own, written by this trainer.
+        train_env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        r.console.print(f"resuming from {latest} (the newest checkpoint in {r.work_dir})")
+    run_step(r.remote, r.service(argv, "train", train_env), r.console, what="training", on_progress=r.on_progress,
+             timeout=r.train_timeout)
+
+
+def _check_training_complete(r: _Run, train_name: str) -> None:
+    latest = finetune_log.latest_checkpoint(list_checkpoints(r.remote, r.work_dir))
+    if latest is None:
+        raise FinetuneError(f"training ended but {r.work_dir} holds no iter_<N>.pth checkpoint")
+    final = finetune_log.last_progress(services.logs(r.remote, train_name, lines=400).splitlines())
+    if final is not None and finetune_log.checkpoint_iteration(latest) != final.total:
+        raise FinetuneError(
+            f"training ended at {latest}, but the run has {final.total} iterations: not complete "
+            "(run the task again to resume)"
+        )
+    put_text(r.remote, f"{r.work_dir}/{TRAIN_DONE}", json.dumps(
+        {"run": r.run_fp, "checkpoint": latest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def _convert(r: _Run, latest: str, ckpt: str) -> str:
+    """4. ``pth_to_hf`` of the newest checkpoint into ``<work dir>/hf_adapter`` (renamed into place)."""
+    t = time.monotonic()
+    remote, work_dir = r.remote, r.work_dir
+    adapter = f"{work_dir}/hf_adapter"
+    conv = read_json(remote, f"{work_dir}/{CONVERT_DONE}")
+    if conv is not None and conv.get("run") == r.run_fp and conv.get("checkpoint") == latest:
+        r.skipped.append("convert")
+        r.console.print(f"adapter already converted from {latest}: skipped")
+    else:
+        tmp = f"{adapter}.tmp"
+        remote.run(f"rm -rf {shlex.quote(tmp)} {shlex.quote(work_dir)}/{CONVERT_DONE}", timeout=60)
+        argv = [r.py, "-m", "xtuner.tools.model_converters.pth_to_hf", r.config_path, ckpt, tmp]
+        run_step(remote, r.service(argv, "convert"), r.console, what=f"pth_to_hf {latest}")
+        remote.run(
+            f"set -e; test -f {shlex.quote(tmp)}/adapter_config.json; rm -rf {shlex.quote(adapter)}; "
+            f"mv {shlex.quote(tmp)} {shlex.quote(adapter)}",
+            timeout=120,
+        )
+        put_text(remote, f"{work_dir}/{CONVERT_DONE}", json.dumps({"run": r.run_fp, "checkpoint": latest}) + "\n")
+    r.timings["convert"] = time.monotonic() - t
+    return adapter
+
+
+def _merge(r: _Run, latest: str, adapter: str) -> tuple[str, str | None]:
+    """5. Merge, load-check, then rename into place with the ready marker; ``(merged dir, its answer)``."""
+    t = time.monotonic()
+    remote, job = r.remote, r.job
+    merged = r.host.host.sibling(job.merged_name)
+    ready = read_json(remote, f"{merged}/{READY_MARKER}")
+    if ready is not None and ready.get("run") == r.run_fp and ready.get("checkpoint") == latest:
+        r.skipped.append("merge")
+        r.console.print(f"{merged} is already merged from {latest}: skipped")
+        r.timings["merge"] = time.monotonic() - t
+        return merged, ready.get("answer")
+    tmp = f"{merged}.tmp-llama3-ops"
+    remote.run(f"rm -rf {shlex.quote(tmp)}; mkdir -p {shlex.quote(merged.rsplit('/', 1)[0])}", timeout=120)
+    argv = [r.py, "-m", "xtuner.tools.model_converters.merge", r.model_path, adapter, tmp,
+            "--max-shard-size", "2GB", "--safe-serialization", "--device", "cuda" if r.where == "gpu" else "cpu"]
+    run_step(remote, r.service(argv, "merge"), r.console, what="merge")
+    question = job.evaluation_inputs[0]
+    check_argv = [r.py, f"{r.scripts}/check_merged.py", tmp, "--question", question, "--system", job.system,
+                  "--max-new-tokens", "32" if r.where == "cpu" else "64"]
+    run_step(remote, r.service(check_argv, "check"), r.console, what="load check of the merged model")
+    out = services.logs(remote, job.service("check"), lines=50).splitlines()
+    result = next((json.loads(line) for line in reversed(out) if line.startswith("{\"answer\"")), None)
+    if result is None:
+        raise FinetuneError(f"the load check of {tmp} printed no answer:\n" + "\n".join(out[-15:]))
+    merged_answer = str(result["answer"])
+    marker_text = json.dumps({
+        "run": r.run_fp, "checkpoint": latest, "adapter": adapter, "base": r.model_path, "answer": merged_answer,
+        "question": question, "parameters": result.get("parameters"), "dtype": result.get("dtype"),
+        "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, ensure_ascii=False) + "\n"
+    put_text(remote, f"{tmp}/{READY_MARKER}", marker_text)
+    q_m, q_t = shlex.quote(merged), shlex.quote(tmp)
+    remote.run(f"set -e; old={q_m}.old-$$; if [ -e {q_m} ]; then mv {q_m} \"$old\"; fi; mv {q_t} {q_m}; "
+               'rm -rf "$old"', timeout=600)  # fmt: skip
+    r.timings["merge"] = time.monotonic() - t
+    return merged, merged_answer
+
+
 def run(
     remote: Remote,
     job: Job,
@@ -409,206 +653,21 @@ def run(
     skipping what is already done."""
     if until not in STEPS:
         raise FinetuneError(f"until must be one of {', '.join(STEPS)}, got {until!r}")
-    if device not in ("auto", "gpu", "cpu"):
-        raise FinetuneError(f"device must be auto, gpu or cpu, got {device!r}")
     console = console or Console(stderr=True)
     t0 = time.monotonic()
-    timings: dict[str, float] = {}
-    skipped: list[str] = []
-    host = read_host(remote, env_bin)
-    where = choose_device(remote, host, device)
-    p = params or job.params
-    if where == "cpu" and not p.on_cpu:
-        p = p.for_cpu(max_iters=cpu_iters)
-        console.print(
-            "[yellow]CPU host:[/] plain LoRA on fp32 weights instead of QLoRA (bitsandbytes' NF4 needs CUDA), "
-            f"{p.max_iters} iterations instead of {job.params.max_epochs} epochs, no fp16 AMP"
-        )
-    try:
-        p.validate()
-    except ConfigError as exc:
-        raise FinetuneError(str(exc)) from exc
-    if where == "gpu":
-        try:
-            gpu = check_stage(remote, job.stage)
-            check_disk(remote, job.stage, "~/model")
-        except GPUCheckError as exc:
-            raise FinetuneError(str(exc)) from exc
-        if gpu is not None:
-            console.print(f"GPU {gpu.index} ({gpu.name}): {gpu.free_gib:.1f} GiB free")
-    model_path = check_base_model(remote, host, base_model)
-    scripts = upload_host_files(remote, host)
-    standin = f"{scripts}/torchvision_standin"
-    torchvision_ok = check_env(remote, host, standin)
-    if not torchvision_ok and not p.on_cpu:
-        raise FinetuneError(
-            f"torchvision does not import in {host.env_bin} on {remote.label}, and a GPU run needs the real one "
-            "(install the torchvision build that matches the env's torch)"
-        )
-    # CPU runs: CPUSupervisedFinetune (cpu_compat), and the torchvision stand-in only when the real
-    # torchvision does not import.
-    pythonpath = [f"{scripts}/cpu_compat"] if p.on_cpu else []
-    if not torchvision_ok:
-        pythonpath.append(standin)
-    console.print(f"[bold]{job.fab_task}[/] on {remote.label}: {_detail_params(p)}")
-
-    # 1. data
-    t = time.monotonic()
-    data_path, data_digest = job.prepare_data(remote, host, console)
-    timings["data"] = time.monotonic() - t
-
-    # 2. config
-    cpu_suffix = "_cpu" if p.on_cpu else ""
-    config_path = f"{host.course_dir}/configs/{job.config_name}{cpu_suffix}.py"
-    inputs = ConfigInputs(
-        name=job.name, fab_task=job.fab_task, course_config=job.course_config, model_path=model_path,
-        data_path=data_path, dataset_format=job.dataset_format, dataset_map_fn=job.dataset_map_fn,
-        system=job.system, evaluation_inputs=job.evaluation_inputs,
-    )
-    try:
-        config_text = render(inputs, p)
-    except ConfigError as exc:
-        raise FinetuneError(str(exc)) from exc
-    put_text(remote, config_path, config_text)
-    run_fp = _sha(config_text + "\0" + data_digest)[:16]
-    work_dir = job.work_dir(host)
-    env = step_env(host, ":".join(pythonpath) or None)
-    py = f"{host.env_bin}/python"
-
-    # 3. train
-    t = time.monotonic()
-    train_name = job.service("train")
-    marker = read_json(remote, f"{work_dir}/{RUN_MARKER}")
-    running = services.status(remote, train_name, log_lines=0)
-    if marker is not None and marker.get("run") != run_fp and running.running:
-        raise FinetuneError(
-            f"a training with other settings or data is running on {remote.label} ({running.command}); "
-            f"wait for it (run the task with its settings to follow it) or stop it: fab stop --service {train_name}"
-        )
-    if marker is not None and marker.get("run") != run_fp:
-        aside = f"{work_dir}.prev"
-        remote.run(f"rm -rf {shlex.quote(aside)}; mv {shlex.quote(work_dir)} {shlex.quote(aside)}", timeout=120)
-        console.print(f"new settings or data: the previous work dir was moved to {aside}")
-        marker = None
-    remote.run(f"mkdir -p {shlex.quote(work_dir)}", timeout=30)
-    if marker is None:
-        put_text(remote, f"{work_dir}/{RUN_MARKER}", json.dumps(
-            {"run": run_fp, "config": config_path, "data": data_path, "params": _detail_params(p)}) + "\n")
-    done = read_json(remote, f"{work_dir}/{TRAIN_DONE}")
-    if done is not None and done.get("run") == run_fp:
-        skipped.append("train")
-        console.print(f"training already finished ({done.get('checkpoint')}): skipped")
-    else:
-        if running.running:
-            console.print(f"training is running on {remote.label}: following it")
-            wait_service(remote, train_name, console, what="training", on_progress=on_progress,
-                         timeout=train_timeout)
-        else:
-            ckpts = list_checkpoints(remote, work_dir)
-            latest = finetune_log.latest_checkpoint(ckpts)
-            argv = [py, "-m", "xtuner.tools.train", config_path, "--work-dir", work_dir]
-            train_env = dict(env)
-            if latest:
-                argv += ["--resume", f"{work_dir}/{latest}"]
-                # XTuner 0.2.0 and mmengine read the checkpoint (optimizer state, message hub) with
-                # torch.load's default, which is weights_only=True from torch 2.6 on and refuses
-                # mmengine's objects. The file is this work dir's own, written by this trainer.
-                train_env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-                console.print(f"resuming from {latest} (the newest checkpoint in {work_dir})")
-            spec = ServiceSpec(name=train_name, argv=tuple(argv), env=train_env, cwd=host.course_dir)
-            run_step(remote, spec, console, what="training", on_progress=on_progress, timeout=train_timeout)
-        latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
-        if latest is None:
-            raise FinetuneError(f"training ended but {work_dir} holds no iter_<N>.pth checkpoint")
-        final = finetune_log.last_progress(services.logs(remote, train_name, lines=400).splitlines())
-        if final is not None and finetune_log.checkpoint_iteration(latest) != final.total:
-            raise FinetuneError(
-                f"training ended at {latest}, but the run has {final.total} iterations: not complete "
-                "(run the task again to resume)"
-            )
-        put_text(remote, f"{work_dir}/{TRAIN_DONE}", json.dumps(
-            {"run": run_fp, "checkpoint": latest, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    timings["train"] = time.monotonic() - t
-    train_log = services.logs(remote, train_name, lines=2000).splitlines()
-    sample = finetune_log.final_answer(train_log)
-    eval_answer = sample.answer if sample else None
-    latest = finetune_log.latest_checkpoint(list_checkpoints(remote, work_dir))
-    if latest is None:
-        raise FinetuneError(f"{work_dir} holds no iter_<N>.pth checkpoint to convert")
-    ckpt = f"{work_dir}/{latest}"
+    r = _prepare(remote, job, base_model=base_model, device=device, params=params, cpu_iters=cpu_iters,
+                 env_bin=env_bin, console=console)
+    r.on_progress, r.train_timeout, r.t0 = on_progress, train_timeout, t0
+    console.print(f"[bold]{job.fab_task}[/] on {remote.label}: {_detail_params(r.params)}")
+    _configure(r)
+    latest, ckpt, eval_answer = _train(r)
     if until == "train":
-        return _finish(console, job, FinetuneResult(
-            merged_path=None, checkpoint=ckpt, adapter=None, params=p, eval_answer=eval_answer,
-            merged_answer=None, skipped=skipped, timings={**timings, "total": time.monotonic() - t0}))
-
-    # 4. convert the newest checkpoint
-    t = time.monotonic()
-    adapter = f"{work_dir}/hf_adapter"
-    conv = read_json(remote, f"{work_dir}/{CONVERT_DONE}")
-    if conv is not None and conv.get("run") == run_fp and conv.get("checkpoint") == latest:
-        skipped.append("convert")
-        console.print(f"adapter already converted from {latest}: skipped")
-    else:
-        tmp = f"{adapter}.tmp"
-        remote.run(f"rm -rf {shlex.quote(tmp)} {shlex.quote(work_dir)}/{CONVERT_DONE}", timeout=60)
-        argv = [py, "-m", "xtuner.tools.model_converters.pth_to_hf", config_path, ckpt, tmp]
-        run_step(remote, ServiceSpec(name=job.service("convert"), argv=tuple(argv), env=env, cwd=host.course_dir),
-                 console, what=f"pth_to_hf {latest}")
-        remote.run(
-            f"set -e; test -f {shlex.quote(tmp)}/adapter_config.json; rm -rf {shlex.quote(adapter)}; "
-            f"mv {shlex.quote(tmp)} {shlex.quote(adapter)}",
-            timeout=120,
-        )
-        put_text(remote, f"{work_dir}/{CONVERT_DONE}", json.dumps({"run": run_fp, "checkpoint": latest}) + "\n")
-    timings["convert"] = time.monotonic() - t
+        return r.result(ckpt, eval_answer)
+    adapter = _convert(r, latest, ckpt)
     if until == "convert":
-        return _finish(console, job, FinetuneResult(
-            merged_path=None, checkpoint=ckpt, adapter=adapter, params=p, eval_answer=eval_answer,
-            merged_answer=None, skipped=skipped, timings={**timings, "total": time.monotonic() - t0}))
-
-    # 5. merge, check, then rename into place with the ready marker
-    t = time.monotonic()
-    merged = host.host.sibling(job.merged_name)
-    ready = read_json(remote, f"{merged}/{READY_MARKER}")
-    merged_answer: str | None = None
-    if ready is not None and ready.get("run") == run_fp and ready.get("checkpoint") == latest:
-        skipped.append("merge")
-        merged_answer = ready.get("answer")
-        console.print(f"{merged} is already merged from {latest}: skipped")
-    else:
-        tmp = f"{merged}.tmp-llama3-ops"
-        remote.run(f"rm -rf {shlex.quote(tmp)}; mkdir -p {shlex.quote(merged.rsplit('/', 1)[0])}", timeout=120)
-        argv = [py, "-m", "xtuner.tools.model_converters.merge", model_path, adapter, tmp,
-                "--max-shard-size", "2GB", "--safe-serialization", "--device", "cuda" if where == "gpu" else "cpu"]
-        run_step(remote, ServiceSpec(name=job.service("merge"), argv=tuple(argv), env=env, cwd=host.course_dir),
-                 console, what="merge")
-        question = job.evaluation_inputs[0]
-        check_argv = [py, f"{scripts}/check_merged.py", tmp, "--question", question, "--system", job.system,
-                      "--max-new-tokens", "32" if where == "cpu" else "64"]
-        run_step(remote, ServiceSpec(name=job.service("check"), argv=tuple(check_argv), env=env,
-                                     cwd=host.course_dir), console, what="load check of the merged model")
-        out = services.logs(remote, job.service("check"), lines=50).splitlines()
-        result = next((json.loads(line) for line in reversed(out) if line.startswith("{\"answer\"")), None)
-        if result is None:
-            raise FinetuneError(f"the load check of {tmp} printed no answer:\n" + "\n".join(out[-15:]))
-        merged_answer = str(result["answer"])
-        marker_text = json.dumps({
-            "run": run_fp, "checkpoint": latest, "adapter": adapter, "base": model_path, "answer": merged_answer,
-            "question": question, "parameters": result.get("parameters"), "dtype": result.get("dtype"),
-            "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }, ensure_ascii=False) + "\n"
-        put_text(remote, f"{tmp}/{READY_MARKER}", marker_text)
-        q_m, q_t = shlex.quote(merged), shlex.quote(tmp)
-        remote.run(
-            f"set -e; old={q_m}.old-$$; if [ -e {q_m} ]; then mv {q_m} \"$old\"; fi; mv {q_t} {q_m}; "
-            'rm -rf "$old"',
-            timeout=600,
-        )
-    timings["merge"] = time.monotonic() - t
-    timings["total"] = time.monotonic() - t0
-    return _finish(console, job, FinetuneResult(
-        merged_path=merged, checkpoint=ckpt, adapter=adapter, params=p, eval_answer=eval_answer,
-        merged_answer=merged_answer, skipped=skipped, timings=timings))
+        return r.result(ckpt, eval_answer, adapter)
+    merged, merged_answer = _merge(r, latest, adapter)
+    return r.result(ckpt, eval_answer, adapter, merged, merged_answer)
 
 
 def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResult:
