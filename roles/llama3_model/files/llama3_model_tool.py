@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
 """Verify (and copy) a Hugging Face model directory on a course host. Standard library only.
 
-  verify --dir D [--lfs] [--manifest JSON] [--remove-bad] [--stamp FILE --fingerprint FP]
+  verify --dir D [--lfs [--rev REV]] [--manifest JSON] [--remove-bad] [--stamp FILE --fingerprint FP]
   copy   --src S --dir D
 
 ``verify`` checks that config and tokenizer files exist, that every shard named by the
 safetensors (or .bin) index exists with the size its own header implies, and, unless
-``--no-sha``, that each file's sha256 equals its git-lfs OID (``--lfs``) or the manifest entry.
-Only when everything passes does it write the stamp (atomically). It prints one JSON object.
-With ``--remove-bad`` it deletes files that failed (and their cached LFS objects) so that the
-next fetch downloads them again: never use it on a directory the bundle does not own.
+``--no-sha``, that each file's sha256 equals the manifest entry or, with ``--lfs``, the OID in
+the LFS pointer committed at ``REV`` (``git cat-file`` of the commit's blobs: never the working
+tree, the index or the local LFS cache, which a damaged file rewrites). With ``--lfs`` it also
+checks every file's size against its pointer, the other committed files against their blobs, and
+each cached LFS object (``.git/lfs/objects``) against its OID; a cached object that is a hard link
+(git-lfs links objects from a ``file://`` remote on the same filesystem) is first replaced by a
+private copy, so nothing done to this clone ever writes through into the origin.
+Only when everything passes does it write the stamp (atomically); on a failure it removes the
+stamp. It prints one JSON object. With ``--remove-bad`` it deletes files that failed (shards and
+cached objects) so that the next fetch downloads them again: never use it on a directory the
+bundle does not own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",))
@@ -65,18 +74,91 @@ def safetensors_expected_size(path: str) -> int | None:
     except (OSError, ValueError):
         return None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    return 8 + n + end
+    return int(8 + n + end)
 
 
-def lfs_oids(repo: str) -> dict[str, str]:
-    out = subprocess.run(["git", "-C", repo, "lfs", "ls-files", "-l"], capture_output=True, text=True, check=True)
-    oids = {}
-    for line in out.stdout.splitlines():
-        # "<oid> <*|-> <path>"
-        parts = line.split(" ", 2)
-        if len(parts) == 3:
-            oids[parts[2]] = parts[0]
-    return oids
+class Pointer(NamedTuple):
+    oid: str
+    size: int
+
+
+def git_blob_sha1(path: str) -> str:
+    """The git blob id a file would have (``git hash-object``, without filters)."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_pointer(data: bytes) -> Pointer | None:
+    if not data.startswith(LFS_POINTER):
+        return None
+    fields = dict(line.split(" ", 1) for line in data.decode("ascii", "replace").splitlines() if " " in line)
+    oid, size = fields.get("oid", ""), fields.get("size", "")
+    if not oid.startswith("sha256:") or not size.isdigit():
+        return None
+    return Pointer(oid.removeprefix("sha256:"), int(size))
+
+
+def committed(repo: str, rev: str) -> tuple[str, dict[str, Pointer], dict[str, str]]:
+    """The commit ``rev`` names, its LFS pointers and its other blobs, read from git's object store.
+
+    These are what the repository committed: a file damaged on disk, re-added to the index by
+    git's clean filter (``git status`` does it) or cached under .git/lfs, cannot change them.
+    """
+    def git(*argv: str, stdin: bytes | None = None) -> bytes:
+        return subprocess.run(["git", "-C", repo, *argv], input=stdin, capture_output=True, check=True).stdout
+
+    commit = git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}").decode().strip()
+    blobs: dict[str, tuple[str, int]] = {}
+    for entry in git("ls-tree", "-r", "-z", "--long", "--full-tree", commit).split(b"\0"):
+        if not entry:
+            continue
+        meta, path = entry.split(b"\t", 1)
+        mode, kind, blob_id, blob_size = meta.split()
+        if kind == b"blob" and mode in (b"100644", b"100755"):
+            blobs[path.decode()] = (blob_id.decode(), int(blob_size))
+    small = [p for p, (_oid, size) in blobs.items() if size < 1024]  # a pointer is ~130 bytes
+    pointers: dict[str, Pointer] = {}
+    if small:
+        out = git("cat-file", "--batch", stdin=b"".join(f"{blobs[p][0]}\n".encode() for p in small))
+        pos = 0
+        for p in small:
+            header_end = out.index(b"\n", pos)
+            length = int(out[pos:header_end].split()[2])
+            pointer = parse_pointer(out[header_end + 1:header_end + 1 + length])
+            pos = header_end + 1 + length + 1
+            if pointer:
+                pointers[p] = pointer
+    others = {p: oid for p, (oid, _size) in blobs.items() if p not in pointers}
+    return commit, pointers, others
+
+
+def lfs_object_path(repo: str, oid: str) -> str:
+    return os.path.join(repo, ".git", "lfs", "objects", oid[:2], oid[2:4], oid)
+
+
+def unshare_and_hash(path: str, label: str) -> str:
+    """sha256 of ``path``; a file with other hard links is first replaced by a private copy."""
+    if os.stat(path).st_nlink == 1:
+        return sha256_file(path, label)
+    log(f"{label}: hard-linked (to the origin's object?): making a private copy")
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".unshare.")
+    try:
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            for chunk in iter(lambda: src.read(8 << 20), b""):
+                h.update(chunk)
+                dst.write(chunk)
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return h.hexdigest()
 
 
 def weight_files(d: str, problems: dict[str, list[str]]) -> list[str]:
@@ -96,26 +178,45 @@ def weight_files(d: str, problems: dict[str, list[str]]) -> list[str]:
     return []
 
 
+PROBLEM_KINDS = ("missing", "size_mismatch", "sha_mismatch", "lfs_object_mismatch", "not_downloaded",
+                 "bad_index", "bad_repo", "unreadable")
+
+
 def verify(args: argparse.Namespace) -> int:
-    problems: dict[str, list[str]] = {"missing": [], "size_mismatch": [], "sha_mismatch": [],
-                                      "not_downloaded": [], "bad_index": [], "unreadable": []}
+    problems: dict[str, list[str]] = {k: [] for k in PROBLEM_KINDS}
+    bad: set[str] = set()
     try:
-        return _verify(args, problems)
+        return _verify(args, problems, bad)
     except PermissionError as exc:
         problems["unreadable"].append(f"{exc.filename}: permission denied for this user")
-        return report(args, problems, [], 0)
+        return report(args, problems, bad, [], 0, "")
 
 
-def _verify(args: argparse.Namespace, problems: dict[str, list[str]]) -> int:
+def is_pointer(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(LFS_POINTER)) == LFS_POINTER
+
+
+def _verify(args: argparse.Namespace, problems: dict[str, list[str]], bad: set[str]) -> int:
+    """Fill ``problems`` (what is wrong, naming each file) and ``bad`` (files to remove)."""
     d = args.dir
     if not os.path.isdir(d):
         problems["missing"].append(d)
-        return report(args, problems, [], 0)
+        return report(args, problems, bad, [], 0, "")
     for f in REQUIRED:
         if not os.path.isfile(os.path.join(d, f)):
             problems["missing"].append(f)
     if not any(all(os.path.isfile(os.path.join(d, f)) for f in fs) for fs in TOKENIZER_SETS):
         problems["missing"].append("tokenizer.json or tokenizer.model")
+    commit, pointers, others = "", dict[str, Pointer](), dict[str, str]()
+    if args.lfs:
+        try:
+            commit, pointers, others = committed(d, args.rev)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            err = getattr(exc, "stderr", b"") or b""
+            detail = err.decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
+            problems["bad_repo"].append(f"{d}: cannot read the committed files of {args.rev}: {detail[0]}")
+            return report(args, problems, bad, [], 0, "")
     shards = weight_files(d, problems)
     total = 0
     for s in shards:
@@ -123,60 +224,106 @@ def _verify(args: argparse.Namespace, problems: dict[str, list[str]]) -> int:
         if not os.path.isfile(p):
             problems["missing"].append(s)
             continue
-        with open(p, "rb") as fh:
-            if fh.read(len(LFS_POINTER)) == LFS_POINTER:
-                problems["not_downloaded"].append(s)
-                continue
+        if is_pointer(p):
+            problems["not_downloaded"].append(s)
+            continue
         size = os.path.getsize(p)
         total += size
         if s.endswith(".safetensors"):
             want = safetensors_expected_size(p)
             if want != size:
                 problems["size_mismatch"].append(f"{s}: {size} bytes, header implies {want}")
-    expected: dict[str, str] = {}
-    if args.lfs:
-        expected.update(lfs_oids(d))
+                bad.add(s)
+    for f, ptr in sorted(pointers.items()):
+        p = os.path.join(d, f)
+        if not os.path.isfile(p):
+            if f not in problems["missing"]:
+                problems["missing"].append(f)
+        elif is_pointer(p):
+            if f not in problems["not_downloaded"]:
+                problems["not_downloaded"].append(f)
+        elif os.path.getsize(p) != ptr.size and f not in bad:
+            problems["size_mismatch"].append(f"{f}: {os.path.getsize(p)} bytes, committed pointer says {ptr.size}")
+            bad.add(f)
+    for f, blob in sorted(others.items()):
+        p = os.path.join(d, f)
+        if not os.path.isfile(p):
+            if f not in problems["missing"]:
+                problems["missing"].append(f)
+        elif git_blob_sha1(p) != blob:
+            problems["sha_mismatch"].append(f"{f}: differs from the file committed at {commit[:12]}")
+            bad.add(f)
+    expected = {f: ptr.oid for f, ptr in pointers.items()}
     if args.manifest:
         expected.update(json.loads(args.manifest))
-    bad = {x.split(":")[0] for x in problems["size_mismatch"]} | set(problems["not_downloaded"])
+    unfetched = set(problems["not_downloaded"]) | set(problems["missing"])
+    got: dict[str, str] = {}
     if not args.no_sha:
-        todo = [f for f in sorted(expected) if f not in bad and os.path.isfile(os.path.join(d, f))]
+        todo = [f for f in sorted(expected) if f not in bad | unfetched and os.path.isfile(os.path.join(d, f))]
         for i, f in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] sha256 {f}")
-            got = sha256_file(os.path.join(d, f), f)
-            if got != expected[f]:
-                problems["sha_mismatch"].append(f"{f}: sha256 {got}, expected {expected[f]}")
+            got[f] = sha256_file(os.path.join(d, f), f)
+            if got[f] != expected[f]:
+                problems["sha_mismatch"].append(f"{f}: sha256 {got[f]}, expected {expected[f]}")
+                bad.add(f)
         for f in sorted(expected):
             if not os.path.exists(os.path.join(d, f)) and f not in problems["missing"]:
                 problems["missing"].append(f)
-    return report(args, problems, shards, total)
+    check_lfs_cache(d, pointers, got, args.no_sha, problems, bad)
+    return report(args, problems, bad, shards, total, commit)
 
 
-def report(args: argparse.Namespace, problems: dict[str, list[str]], shards: list[str], total: int) -> int:
+def check_lfs_cache(d: str, pointers: dict[str, Pointer], got: dict[str, str], no_sha: bool,
+                    problems: dict[str, list[str]], bad: set[str]) -> None:
+    """Check each cached LFS object against its OID (after unsharing hard-linked ones)."""
+    oids = {ptr.oid for ptr in pointers.values()}
+    for f, ptr in sorted(pointers.items()):
+        obj = lfs_object_path(d, ptr.oid)
+        rel = os.path.relpath(obj, d)
+        if not os.path.isfile(obj):
+            continue
+        size = os.path.getsize(obj)
+        if size != ptr.size:
+            problems["lfs_object_mismatch"].append(f"{f}: cached LFS object {rel} has {size} bytes, "
+                                                   f"its pointer says {ptr.size}")
+            bad.add(rel)
+            continue
+        digest = unshare_and_hash(obj, f"cached {f}")
+        if not no_sha and digest != ptr.oid:
+            problems["lfs_object_mismatch"].append(f"{f}: cached LFS object {rel} has sha256 {digest}, not its OID")
+            bad.add(rel)
+    for f, digest in got.items():
+        # git's clean filter stores a damaged file as an object of its own (``git status`` does
+        # it): that copy is garbage as large as the shard.
+        stray = lfs_object_path(d, digest)
+        if f in pointers and digest != pointers[f].oid and digest not in oids and os.path.isfile(stray):
+            bad.add(os.path.relpath(stray, d))
+
+
+def report(args: argparse.Namespace, problems: dict[str, list[str]], bad: set[str], shards: list[str],
+           total: int, commit: str) -> int:
     ok = not any(problems.values())
     removed: list[str] = []
     if ok and args.stamp:
         stamp = {"fingerprint": args.fingerprint, "dir": os.path.realpath(args.dir), "shards": shards,
                  "bytes": total, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "sha256_checked": not args.no_sha}
+        if commit:
+            stamp["revision"] = commit
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.stamp)), prefix=".stamp.")
         with os.fdopen(fd, "w") as fh:
             json.dump(stamp, fh, indent=2)
         os.replace(tmp, args.stamp)
-    elif not ok and args.remove_bad:
-        oids = lfs_oids(args.dir) if args.lfs else {}
-        for entry in problems["size_mismatch"] + problems["sha_mismatch"]:
-            name = entry.split(":")[0]
-            path = os.path.join(args.dir, name)
-            if os.path.isfile(path):
-                os.unlink(path)
-                removed.append(name)
-            oid = oids.get(name)
-            if oid:  # the cached object is as bad as the checkout made from it
-                obj = os.path.join(args.dir, ".git", "lfs", "objects", oid[:2], oid[2:4], oid)
-                if os.path.isfile(obj):
-                    os.unlink(obj)
-    print(json.dumps({"ok": ok, "problems": problems, "removed": removed, "shards": len(shards), "bytes": total}))
+    elif not ok and args.stamp and os.path.lexists(args.stamp):
+        os.unlink(args.stamp)  # a re-verification that fails: the model is no longer complete
+    if not ok and args.remove_bad:
+        for rel in sorted(bad):
+            path = os.path.join(args.dir, rel)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)  # unlink, never truncate: a hard link elsewhere stays intact
+                removed.append(rel)
+    print(json.dumps({"ok": ok, "problems": problems, "removed": removed, "shards": len(shards), "bytes": total,
+                      "revision": commit}))
     return 0 if ok else 1
 
 
@@ -211,6 +358,7 @@ def main() -> int:
     v = sub.add_parser("verify")
     v.add_argument("--dir", required=True)
     v.add_argument("--lfs", action="store_true")
+    v.add_argument("--rev", default="HEAD", help="with --lfs: the revision whose committed pointers are expected")
     v.add_argument("--manifest", default="")
     v.add_argument("--no-sha", action="store_true")
     v.add_argument("--remove-bad", action="store_true")
