@@ -149,6 +149,32 @@ def check_once(probe: Probe, timeout: float = 10.0) -> tuple[bool, str]:
     return res.status == 200, f"HTTP {res.status}" if res.status != -1 else res.body
 
 
+def _first_token(probe: Probe, model_id: str, deadline: float, interval: float, check_alive: Callable[[], None],
+                 alive: Callable[[], ServiceStatus] | None) -> str:
+    """POST a 1-token chat completion until it answers (502/503 and no answer: the engine still loads)."""
+    while True:
+        check_alive()
+        remaining = max(5.0, deadline - time.monotonic())
+        res = probe.request(
+            "POST",
+            "/v1/chat/completions",
+            {"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+            timeout=min(remaining, 300.0),
+        )
+        if res.status == 200:
+            try:
+                return str(res.json()["choices"][0]["message"].get("content") or "")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise NotReadyError(f"completion answered 200 but not OpenAI-shaped: {res.body[:300]}") from exc
+        if time.monotonic() > deadline or res.status not in (-1, 502, 503):
+            st = alive() if alive else None
+            raise NotReadyError(
+                f"1-token completion failed: HTTP {res.status}: {res.body[:300]}",
+                st.log_tail if st else None,
+            )
+        time.sleep(interval)
+
+
 def wait_ready(
     probe: Probe,
     *,
@@ -222,28 +248,5 @@ def wait_ready(
         # 3. one real token
         if completion:
             progress.update(task, description=f"1-token completion on {model_id}")
-            while True:
-                check_alive()
-                remaining = max(5.0, deadline - time.monotonic())
-                res = probe.request(
-                    "POST",
-                    "/v1/chat/completions",
-                    {"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
-                    timeout=min(remaining, 300.0),
-                )
-                if res.status == 200:
-                    try:
-                        sample = str(res.json()["choices"][0]["message"].get("content") or "")
-                    except (KeyError, IndexError, ValueError) as exc:
-                        raise NotReadyError(
-                            f"completion answered 200 but not OpenAI-shaped: {res.body[:300]}"
-                        ) from exc
-                    break
-                if time.monotonic() > deadline or res.status not in (-1, 502, 503):
-                    st = alive() if alive else None
-                    raise NotReadyError(
-                        f"1-token completion failed: HTTP {res.status}: {res.body[:300]}",
-                        st.log_tail if st else None,
-                    )
-                time.sleep(interval)
+            sample = _first_token(probe, model_id, deadline, interval, check_alive, alive)
     return Ready(time.monotonic() - t0, health_path, model_id, sample)

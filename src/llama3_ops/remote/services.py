@@ -28,7 +28,7 @@ import json
 import shlex
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
@@ -206,55 +206,52 @@ st_one() {
 """
 
 
+def _set_meta(st: ServiceStatus, val: str) -> None:
+    if not val:
+        return
+    with contextlib.suppress(ValueError):
+        meta = json.loads(val)
+        st.command = str(meta.get("command", ""))
+        st.port = meta.get("port")
+        st.started = str(meta.get("started", ""))
+
+
+# key=value lines of the status script -> what they set on the ServiceStatus being read
+_FIELDS: dict[str, Callable[[ServiceStatus, str], None]] = {
+    "mode": lambda st, v: setattr(st, "mode", v),
+    "fp": lambda st, v: setattr(st, "fingerprint", v),
+    "meta": _set_meta,
+    "exit": lambda st, v: setattr(st, "exit_status", v or st.exit_status or None),
+    "pid": lambda st, v: setattr(st, "pid", int(v) if v.isdigit() else None),
+    "listening": lambda st, v: setattr(st, "listening", v == "1"),
+    "log": lambda st, v: setattr(st, "log_path", v),
+}
+
+
 def _parse_status(text: str) -> list[ServiceStatus]:
+    """The status script's output: ``@@SERVICE name``, ``key=value`` lines, ``@@LOG`` + log lines, ``@@END``."""
     out: list[ServiceStatus] = []
     cur: ServiceStatus | None = None
-    in_log = False
-    alive = False
-    exists = False
+    in_log = alive = False
     for line in text.splitlines():
         if line.startswith("@@SERVICE "):
-            cur = ServiceStatus(name=line.split(" ", 1)[1], state="absent")
-            in_log, alive, exists = False, False, False
+            cur, in_log, alive = ServiceStatus(name=line.split(" ", 1)[1], state="absent"), False, False
+        elif cur is None:
             continue
-        if cur is None:
-            continue
-        if line == "@@END":
-            if alive:
-                cur.state = "running"
-            elif exists:
-                cur.state = "dead"
+        elif line == "@@END":
+            cur.state = "running" if alive else "dead" if cur.fingerprint else "absent"
             out.append(cur)
             cur = None
-            continue
-        if in_log:
+        elif in_log:
             cur.log_tail.append(line)
-            continue
-        if line == "@@LOG":
+        elif line == "@@LOG":
             in_log = True
-            continue
-        key, _, val = line.partition("=")
-        if key == "mode":
-            cur.mode = val
-        elif key == "fp":
-            cur.fingerprint = val
-            exists = exists or bool(val)
-        elif key == "meta" and val:
-            with contextlib.suppress(ValueError):
-                meta = json.loads(val)
-                cur.command = str(meta.get("command", ""))
-                cur.port = meta.get("port")
-                cur.started = str(meta.get("started", ""))
-        elif key == "exit":
-            cur.exit_status = val or cur.exit_status or None
-        elif key == "pid":
-            cur.pid = int(val) if val.isdigit() else None
-        elif key == "alive":
-            alive = val == "1"
-        elif key == "listening":
-            cur.listening = val == "1"
-        elif key == "log":
-            cur.log_path = val
+        else:
+            key, _, val = line.partition("=")
+            if key == "alive":
+                alive = val == "1"
+            elif key in _FIELDS:
+                _FIELDS[key](cur, val)
     return out
 
 
