@@ -28,6 +28,14 @@ def test_unknown_profile(provisioned: Provisioned) -> None:
                          llama3_profile="gpu-fast")
 
 
+def test_a_string_for_a_list_variable_fails_before_any_change(provisioned: Provisioned) -> None:
+    """Argument specs turn "vim" into ["vim"] and let it through; the tasks then add a list to a string."""
+    run = provisioned.play("str-for-list", llama3_base_extra_packages="vim", llama3_model_dir=NEW_DIR)
+    assert run.rc != 0 and run.counts()["changed"] == 0 and run.counts()["failed"] == 1, run.tail(40)
+    assert "llama3_base_extra_packages must be a list, not the str \"vim\"" in " ".join(run.output.split())
+    assert "Check that every list and dict variable is one" in run.output
+
+
 def test_missing_required_variable(provisioned: Provisioned) -> None:
     assert_fails_cleanly(provisioned, "missing-url",
                          "llama3_model_source=git_lfs needs llama3_model_git_url, which is empty",
