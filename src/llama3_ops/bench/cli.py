@@ -1,7 +1,9 @@
 """Command line: ``python -m llama3_ops.bench {online,offline,check,crosscheck}``.
 
 Exit codes: 0 done (and ``--check`` passed or had no comparable baseline), 1 ``--check`` found a
-regression, 2 bad input or unreachable target (one message, no traceback, no complete-marked JSON).
+regression, 2 bad input or unreachable target (one message, no traceback, no complete-marked JSON),
+3 more requests failed than ``--max-failures`` allows (the JSONs are written, with
+``"status": "complete_with_failures"``; the failures and their most common reasons are printed).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rich.console import Console
+from rich.text import Text
 
 from llama3_ops.bench import report
 from llama3_ops.bench.errors import BenchError
@@ -26,6 +29,8 @@ from llama3_ops.bench.metrics import aggregate
 from llama3_ops.bench.workload import Workload, build_workload
 
 DEFAULT_API_KEY_ENV = "LLAMA3_OPS_BENCH_API_KEY"
+EXIT_REGRESSION = 1
+EXIT_FAILED_REQUESTS = 3
 
 
 def parse_concurrency(text: str) -> list[int]:
@@ -75,6 +80,12 @@ def _common(ap: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="cap each request's output tokens (CPU smoke tests); recorded in the JSON",
+    )
+    ap.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        help="failed requests a run point may have and still pass (default 0); recorded in the JSON",
     )
     ap.add_argument("--out", default=None, help="output directory (default bench-results/<UTC time>)")
     ap.add_argument("--profile", default="course", help="a label recorded in the JSON")
@@ -208,7 +219,7 @@ def _workload(args: argparse.Namespace, console: Console) -> Workload:
     if args.max_output_len is not None and args.max_output_len <= 0:
         raise BenchError("--max-output-len must be > 0")
     with console.status(
-        f"building workload {args.dataset} (first ShareGPT use tokenizes ~17k conversations)"
+        Text(f"building workload {args.dataset} (first ShareGPT use tokenizes ~17k conversations)")
     ):
         wl = build_workload(
             args.dataset,
@@ -219,12 +230,34 @@ def _workload(args: argparse.Namespace, console: Console) -> Workload:
         )
     i = wl.info
     if i.kind == "sharegpt":
-        console.print(
-            f"dataset: {i.complete_records} complete records"
+        report.say(
+            console,
+            f"dataset {i.source}: {i.complete_records} complete records"
             f"{f' (file cut at byte {i.cut_offset} of {i.file_bytes})' if i.truncated else ''}, "
-            f"{i.usable} usable, {i.sampled} sampled (seed {i.seed})"
+            f"{i.usable} usable, {i.sampled} sampled (seed {i.seed})",
         )
     return wl
+
+
+def _check_max_failures(args: argparse.Namespace) -> None:
+    if args.max_failures < 0:
+        raise BenchError(f"--max-failures must be >= 0, got {args.max_failures}")
+
+
+def _report_failures(runs: Sequence[dict[str, Any]], console: Console) -> int:
+    """Print each run point's failed requests and their most common reasons; the exit code they make."""
+    rc = 0
+    for r in runs:
+        lines = report.failure_lines(r)
+        if not lines:
+            continue
+        over = report.too_many_failures(r)
+        rc = EXIT_FAILED_REQUESTS if over else rc
+        head = f"{r['mode']} c={r['concurrency']['requested']}: {lines[0]}"
+        report.say(console, head + ("" if over else ": within --max-failures"), "bold red" if over else "yellow")
+        for line in lines[1:]:
+            report.say(console, line)
+    return rc
 
 
 def _finish(runs: list[dict[str, Any]], out: Path, args: argparse.Namespace, console: Console) -> int:
@@ -236,7 +269,7 @@ def _finish(runs: list[dict[str, Any]], out: Path, args: argparse.Namespace, con
     try:
         from llama3_ops.bench.plots import latency_cdf_plot, throughput_plot
     except ImportError:  # a GPU host without matplotlib: the JSONs are the result; plot them elsewhere
-        console.print("[yellow]warning:[/] matplotlib is not installed: no PNGs (the JSONs hold every point)")
+        report.say(console, "warning: matplotlib is not installed: no PNGs (the JSONs hold every point)", "yellow")
         plots: list[Path] = []
     else:
         plots = [
@@ -249,18 +282,19 @@ def _finish(runs: list[dict[str, Any]], out: Path, args: argparse.Namespace, con
         checks = [report.check_run(r, baselines, args.margin) for r in runs]
         summary["check"] = [c.__dict__ for c in checks]
         for c in checks:
-            console.print(("[green]" if c.passed else "[red]") + c.message)
-        rc = 0 if all(c.passed for c in checks) else 1
+            report.say(console, c.message, "green" if c.passed else "red")
+        rc = 0 if all(c.passed for c in checks) else EXIT_REGRESSION
     report.write_json_atomic(out / "summary.json", summary)
     report.print_report(runs, baselines, console)
-    console.print(f"results: {out}/ ({len(files)} point JSONs, summary.json, {len(plots)} PNGs)")
-    return rc
+    report.say(console, f"results: {out}/ ({len(files)} point JSONs, summary.json, {len(plots)} PNGs)")
+    return max(rc, _report_failures(runs, console))
 
 
 def cmd_online(args: argparse.Namespace, console: Console) -> int:
     from llama3_ops.bench.client import ClientConfig, check_server, probe_ignore_eos, run_load
 
     conc = parse_concurrency(args.concurrency)
+    _check_max_failures(args)
     u = urlparse(args.base_url)
     if u.scheme not in ("http", "https") or not u.netloc:
         raise BenchError(f"--base-url must be http(s)://host:port, got {args.base_url!r}")
@@ -284,7 +318,7 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
     if args.ignore_eos == "auto":
         cfg.ignore_eos, ignore_eos_note = asyncio.run(probe_ignore_eos(cfg))
         if not cfg.ignore_eos:
-            console.print(f"[yellow]warning:[/] {ignore_eos_note}; output lengths are then only upper bounds")
+            report.say(console, f"warning: {ignore_eos_note}; output lengths are then only upper bounds", "yellow")
     wl = _workload(args, console)
     engine = {
         "name": args.engine,
@@ -311,6 +345,7 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
             "num_prompts": args.num_prompts,
             "seed": args.seed,
             "max_output_len": args.max_output_len,
+            "max_failures": args.max_failures,
             "ignore_eos_note": ignore_eos_note,
         }
         runs.append(
@@ -350,6 +385,7 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
         raise BenchError("--cache-max-entry-count must be in (0, 1]")
     if not Path(args.model).exists():
         raise BenchError(f"model path not found: {args.model}")
+    _check_max_failures(args)
     wl = _workload(args, console)
     out = _out_dir(args.out)
     prov = report.provenance()
@@ -374,6 +410,7 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
             "num_prompts": args.num_prompts,
             "seed": args.seed,
             "max_output_len": args.max_output_len,
+            "max_failures": args.max_failures,
             "model": args.model,
         }
         runs.append(
@@ -402,14 +439,14 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
             run = json.loads(p.read_text())
         except (OSError, ValueError) as exc:
             raise BenchError(f"cannot read result {f}: {exc}") from exc
-        if run.get("schema") != report.SCHEMA or run.get("status") != "complete":
+        if run.get("schema") != report.SCHEMA or run.get("status") not in report.FINAL_STATUSES:
             raise BenchError(f"{f} is not a complete {report.SCHEMA} result")
         runs.append(run)
         c = report.check_run(run, baselines, args.margin)
-        console.print(("[green]" if c.passed else "[red]") + f"{p.name}: {c.message}")
-        rc = rc or (0 if c.passed else 1)
+        report.say(console, f"{p.name}: {c.message}", "green" if c.passed else "red")
+        rc = max(rc, 0 if c.passed else EXIT_REGRESSION)
     report.print_report(runs, baselines, console)
-    return rc
+    return max(rc, _report_failures(runs, console))
 
 
 def cmd_crosscheck(args: argparse.Namespace, console: Console) -> int:
@@ -432,7 +469,11 @@ def cmd_crosscheck(args: argparse.Namespace, console: Console) -> int:
     )
     report.write_json_atomic(Path(args.out) / "crosscheck.json", res)
     console.print_json(json.dumps({k: v for k, v in res.items() if k != "aiperf_raw"}))
-    return 0 if res.get("within_tolerance") else 1
+    for line in res.get("failed_requests", {}).get("lines", []):
+        report.say(console, line, "bold red")
+    if res.get("failed_requests"):
+        return EXIT_FAILED_REQUESTS
+    return 0 if res.get("within_tolerance") else EXIT_REGRESSION
 
 
 def cmd_workload(args: argparse.Namespace, console: Console) -> int:
@@ -443,9 +484,9 @@ def cmd_workload(args: argparse.Namespace, console: Console) -> int:
     path = save_workload(wl, Path(args.out))
     mean_in = sum(r.prompt_len for r in wl.requests) / len(wl.requests)
     mean_out = sum(r.output_len for r in wl.requests) / len(wl.requests)
-    console.print(f"saved {len(wl.requests)} requests to {path} (mean prompt {mean_in:.0f}, "
-                  f"mean output {mean_out:.0f} tokens; {wl.info.complete_records} complete records in the "
-                  f"source, cut at byte {wl.info.cut_offset})")
+    report.say(console, f"saved {len(wl.requests)} requests to {path} (mean prompt {mean_in:.0f}, "
+                        f"mean output {mean_out:.0f} tokens; {wl.info.complete_records} complete records in the "
+                        f"source, cut at byte {wl.info.cut_offset})")
     return 0
 
 
@@ -453,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Wide enough for the results table when the output goes to a log file rather than a terminal.
     console = Console(width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # one line a message, however long: no wrapping
     handlers = {
         "online": cmd_online,
         "offline": cmd_offline,
@@ -464,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.cmd](args, console)
     except BenchError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
+        err.print(Text.assemble(("error:", "bold red"), " ", str(exc)))
+        return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

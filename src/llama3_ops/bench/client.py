@@ -16,6 +16,11 @@ empty text. lmdeploy streams a token that ends inside a UTF-8 sequence as "" (ra
 produce many), so TTFT and ITL are timed on token events, and a request whose tokens all decode to
 "" still succeeds. Not tokens: a chat role-only preamble, and a closing chunk with empty text and a
 ``finish_reason`` (``transformers serve`` ends every stream with one, carrying ``usage``).
+
+A request succeeds only when its stream ended as streams end (``data: [DONE]``, or a chunk with a
+``finish_reason``: ``transformers serve`` sends no ``[DONE]``); one cut off by a server that went
+away fails, whatever it streamed before. Failed requests are recorded with their error; the caller
+reports them (:func:`llama3_ops.bench.metrics.failure_reasons`).
 """
 
 from __future__ import annotations
@@ -153,6 +158,7 @@ async def send_one(
     rec.start = time.perf_counter()
     chunks = 0
     last: float | None = None
+    finished = False
     try:
         async with session.post(
             cfg.url(), json=build_payload(cfg, req), headers=cfg.headers(), trace_request_ctx=rec
@@ -167,6 +173,7 @@ async def send_one(
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    finished = True
                     break
                 now = time.perf_counter()
                 obj = json.loads(data)
@@ -179,6 +186,7 @@ async def send_one(
                     rec.output_tokens_source = "usage"
                     if usage.get("prompt_tokens") is not None:
                         rec.server_prompt_tokens = int(usage["prompt_tokens"])
+                finished = finished or any(c.get("finish_reason") for c in obj.get("choices") or [])
                 if _is_token_event(obj):
                     chunks += 1
                     if rec.first_token is None:
@@ -189,9 +197,11 @@ async def send_one(
         if rec.output_tokens_source != "usage":
             rec.output_tokens = chunks
             rec.output_tokens_source = "chunks"
-        rec.success = rec.first_token is not None
-        if not rec.success:
+        rec.success = rec.first_token is not None and finished
+        if rec.first_token is None:
             rec.error = "no tokens streamed"
+        elif not finished:
+            rec.error = "stream cut off: it ended without a finish_reason or [DONE]"
     except asyncio.CancelledError:
         rec.error = "cancelled (overall timeout)"
         raise

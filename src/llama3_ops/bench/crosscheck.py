@@ -16,6 +16,9 @@ What can make the two differ besides the tools, and what is recorded against it:
   seconds each tool used, and against the fixed-rate stand-in, each tool against the known ideal;
 * other processes: the busy cores before every run (``BUSY_CORES`` makes a verdict inconclusive).
 
+A run of either tool with a failed request ends the cross-check at once: its verdict is
+``failed_requests`` (never a pass), with the count and the most common reasons.
+
 AIPerf is not a dependency: install it in its own venv
 (``python -m venv /tmp/aiperf-venv && /tmp/aiperf-venv/bin/pip install aiperf``) and pass
 ``--aiperf /tmp/aiperf-venv/bin/aiperf``. Its result file is ``profile_export_aiperf.json``.
@@ -41,6 +44,7 @@ from rich.console import Console
 from llama3_ops.bench.client import ClientConfig, check_server, probe_ignore_eos, run_load
 from llama3_ops.bench.errors import BenchError
 from llama3_ops.bench.metrics import aggregate
+from llama3_ops.bench.report import COMPLETE, COMPLETE_WITH_FAILURES, say
 from llama3_ops.bench.workload import synthetic_workload
 
 
@@ -163,8 +167,13 @@ def verdict(
     return ("agree" if diff <= tolerance else "disagree"), diff, s_ours, s_theirs
 
 
+FAILED_REQUESTS = "failed_requests"
+
+
 def combine(verdicts: Sequence[str], busy: bool) -> str:
-    """One verdict from the per-metric ones; a busy machine makes any result inconclusive."""
+    """One verdict from the per-metric ones; failed requests fail it, a busy machine makes it inconclusive."""
+    if FAILED_REQUESTS in verdicts:
+        return FAILED_REQUESTS
     if busy or "inconclusive" in verdicts:
         return "inconclusive"
     return "disagree" if "disagree" in verdicts else "agree"
@@ -231,6 +240,35 @@ def at_median_server_speed(runs: Sequence[dict[str, Any]], key: str) -> list[flo
     return [float(r[key] or 0.0) * c / med for r, c in zip(runs, per_req, strict=True)]
 
 
+def aiperf_failures(theirs: dict[str, Any], num_prompts: int) -> dict[str, Any] | None:
+    """AIPerf's failed requests (its error rate, or fewer requests than asked for), or None."""
+    done = int(theirs.get("requests") or 0)
+    rate = float(theirs.get("error_rate_pct") or 0.0)
+    if rate <= 0 and done >= num_prompts:
+        return None
+    failed = max(num_prompts - done, round(num_prompts * rate / 100))
+    reason = f"AIPerf error rate {rate:g} %, {done} of {num_prompts} requests counted"
+    return {"failed": failed, "requests": num_prompts, "reasons": [{"reason": reason, "count": failed}]}
+
+
+def failed_requests_result(
+    tool: str, round_no: int, failures: dict[str, Any], base: dict[str, Any]
+) -> dict[str, Any]:
+    """The cross-check's result when a run of ``tool`` had failed requests: not a pass, and says why."""
+    lines = [f"crosscheck: {tool}'s run {round_no} had {failures['failed']} of {failures['requests']} "
+             "requests failed: not a pass"]
+    lines += [f"  {r['count']:>5} x {r['reason']}" for r in failures["reasons"][:5]]
+    return base | {
+        "status": COMPLETE_WITH_FAILURES,
+        "verdict": FAILED_REQUESTS,
+        "within_tolerance": False,
+        "failed_requests": {"tool": tool, "round": round_no, **failures, "lines": lines},
+        "metrics": {},
+        "judged_on": [],
+        "busy_machine": False,
+    }
+
+
 def crosscheck(
     *,
     base_url: str,
@@ -271,6 +309,9 @@ def crosscheck(
     ours_runs: list[dict[str, Any]] = []
     theirs_runs: list[dict[str, Any]] = []
     cmd: list[str] = []
+    base = {"workload": f"synthetic:{input_len}:{output_len}", "concurrency": concurrency,
+            "num_prompts": num_prompts, "rounds": rounds, "ignore_eos": note, "tolerance": tolerance,
+            "ours_runs": ours_runs, "aiperf_runs": theirs_runs}  # fmt: skip
 
     def server_cost(before: float | None, requests: float | None) -> dict[str, Any]:
         used = _delta(process_cpu_s(server_pid), before)
@@ -291,17 +332,23 @@ def crosscheck(
                "tool_cpu_s": own, "load_before": load}
             | server_cost(srv0, len(lr.results))
         )  # fmt: skip
+        if m["failed"]:
+            ours_failed = {"failed": m["failed"], "requests": m["requests"], "reasons": m["failure_reasons"]}
+            return failed_requests_result("ours", i + 1, ours_failed, base)
         art = out / "aiperf" / f"round{i}" if rounds > 1 else out / "aiperf"
         cmd = aiperf_command(exe, base_url, model, tokenizer_dir, concurrency, num_prompts, input_len, output_len,
                              art, cfg.ignore_eos, cfg.temperature, cfg.top_p)  # fmt: skip
         if i == 0:
-            console.print("running: " + " ".join(cmd))
+            say(console, "running: " + " ".join(cmd))
         load = machine_load()
         srv0 = process_cpu_s(server_pid)
         tool_cpu = _run_aiperf(cmd, timeout_s)
         theirs = parse_aiperf_export(art / "profile_export_aiperf.json")
         theirs_runs.append(theirs | {"tool_cpu_s": tool_cpu, "load_before": load}
                            | server_cost(srv0, theirs["requests"]))  # fmt: skip
+        theirs_failed = aiperf_failures(theirs, num_prompts)
+        if theirs_failed:
+            return failed_requests_result("AIPerf", i + 1, theirs_failed, base | {"aiperf_command": cmd})
         if rounds > 1:
             console.print(f"round {i + 1}/{rounds}: ours {ours_runs[-1]['rps']:.3f} RPS, "
                           f"aiperf {theirs_runs[-1]['rps'] or 0.0:.3f} RPS")  # fmt: skip
@@ -320,7 +367,7 @@ def crosscheck(
     busy = any(b is not None and b > BUSY_CORES for b in busy_probes)
     final = combine([metrics[k]["verdict"] for k in judged], busy)
     return {
-        "status": "complete",
+        "status": COMPLETE,
         "workload": f"synthetic:{input_len}:{output_len}",
         "prompt_tokens": {"aiperf_input_tokens_mean": input_len, "ours_text_tokens": ours_len,
                           "note": "both as the server counts them: text tokens plus the tokenizer's BOS"},

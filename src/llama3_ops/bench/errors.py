@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from llama3_ops.errors import Llama3OpsError
 
-class BenchError(Exception):
+
+class BenchError(Llama3OpsError):
     """Bad input or an unreachable target: reported as one line, exit code 2, no traceback."""
+
+    exit_code = 2

@@ -19,6 +19,7 @@ Definitions (all times in seconds, ``time.perf_counter`` clock):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -110,6 +111,12 @@ def achieved_concurrency(intervals: Sequence[tuple[float, float]]) -> tuple[int,
     return peak, mean
 
 
+def failure_reasons(results: Sequence[RequestResult], top: int = 10) -> list[dict[str, Any]]:
+    """The failed requests' errors, most common first: ``[{"reason": ..., "count": N}, ...]``."""
+    counts = Counter(r.error or "unknown error" for r in results if not r.success)
+    return [{"reason": reason, "count": n} for reason, n in counts.most_common(top)]
+
+
 def aggregate(results: Sequence[RequestResult], wall_s: float | None = None) -> dict[str, Any]:
     """Run-level metrics from per-request results (see the module docstring for definitions)."""
     ok = [r for r in results if r.success]
@@ -148,4 +155,5 @@ def aggregate(results: Sequence[RequestResult], wall_s: float | None = None) -> 
         "achieved_concurrency_max": peak,
         "achieved_concurrency_mean": mean,
         "errors": sorted({r.error for r in results if r.error})[:10],
+        "failure_reasons": failure_reasons(results),
     }

@@ -1,7 +1,9 @@
 """Result JSON with provenance, the console table, baselines, comparison and the regression check.
 
 Every run point is one JSON (schema ``llama3-ops.bench/1``) written atomically: to
-``NAME.json.partial`` first, renamed at the end, with ``"status": "complete"`` only in the final file.
+``NAME.json.partial`` first, renamed at the end; only the final file has a final status:
+``"complete"`` when every request succeeded, ``"complete_with_failures"`` when any failed (its
+``failures`` says how many, the most common reasons, and how many ``--max-failures`` allowed).
 
 Baselines live in ``llama3_ops/data/bench_baselines.json``. A baseline applies to a run when the GPU
 model matches (:func:`gpu_key`: family + memory, e.g. ``"NVIDIA H100 80GB HBM3"`` -> ``H100-80G``),
@@ -27,11 +29,15 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llama3_ops.bench.errors import BenchError
 
 SCHEMA = "llama3-ops.bench/1"
 SUMMARY_SCHEMA = "llama3-ops.bench-summary/1"
+COMPLETE = "complete"
+COMPLETE_WITH_FAILURES = "complete_with_failures"
+FINAL_STATUSES = (COMPLETE, COMPLETE_WITH_FAILURES)
 KEY_FIELDS = (
     "mode",
     "engine",
@@ -184,8 +190,48 @@ def run_record(
 
 
 def finalize(rec: dict[str, Any]) -> dict[str, Any]:
-    rec["status"] = "complete"
+    """Mark a run point finished: ``complete``, or ``complete_with_failures`` when a request failed."""
+    failed = int(rec["metrics"].get("failed") or 0)
+    rec["status"] = COMPLETE_WITH_FAILURES if failed else COMPLETE
+    rec["failures"] = {
+        "failed": failed,
+        "allowed": allowed_failures(rec),
+        "reasons": rec["metrics"].get("failure_reasons") or [],
+    }
     return rec
+
+
+def allowed_failures(rec: dict[str, Any]) -> int:
+    """The run's ``--max-failures`` (0 for results recorded before the option existed)."""
+    return int(rec.get("settings", {}).get("max_failures") or 0)
+
+
+def too_many_failures(rec: dict[str, Any]) -> bool:
+    """More failed requests than the run allowed: the run cannot count as a pass."""
+    return int(rec["metrics"].get("failed") or 0) > allowed_failures(rec)
+
+
+def failure_lines(rec: dict[str, Any], top: int = 5) -> list[str]:
+    """``N of M requests failed (K allowed)``, then one line per most common reason, with its count."""
+    m = rec["metrics"]
+    failed = int(m.get("failed") or 0)
+    if not failed:
+        return []
+    lines = [f"{failed} of {m.get('requests')} requests failed ({allowed_failures(rec)} allowed)"]
+    reasons = m.get("failure_reasons")
+    if reasons is None:  # recorded before reasons were counted: the distinct errors only
+        lines += [f"  - {e}" for e in (m.get("errors") or [])[:top]]
+    else:
+        lines += [f"  {r['count']:>5} x {r['reason']}" for r in reasons[:top]]
+        rest = failed - sum(r["count"] for r in reasons[:top])
+        if rest > 0:
+            lines.append(f"  {rest:>5} x other reasons")
+    return lines
+
+
+def say(console: Console, text: str, style: str | None = None) -> None:
+    """Print ``text`` as it is: no markup, no emoji codes, no highlighting (it may hold user input)."""
+    console.print(Text(text, style=style or ""))
 
 
 # --------------------------------------------------------------------------- baselines
@@ -380,7 +426,7 @@ def summary_record(
 ) -> dict[str, Any]:
     return {
         "schema": SUMMARY_SCHEMA,
-        "status": "complete",
+        "status": COMPLETE_WITH_FAILURES if any(r["metrics"]["failed"] for r in runs) else COMPLETE,
         "provenance": runs[0]["provenance"] if runs else provenance(),
         "points": [
             {
@@ -393,6 +439,7 @@ def summary_record(
                 "ttft_p50_s": r["metrics"]["ttft_s"]["p50"],
                 "e2e_p50_s": r["metrics"]["e2e_s"]["p50"],
                 "failed": r["metrics"]["failed"],
+                "status": r["status"],
             }
             for r, f in zip(runs, files, strict=True)
         ],

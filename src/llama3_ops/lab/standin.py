@@ -9,7 +9,10 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (streaming or not), ``GET /stats`` (requests, in flight, max in
 flight since start or last reset), ``POST /stats/reset``.
 
-Usage: ``python -m llama3_ops.lab.standin --port P --tokens-per-s R [--ttft-ms T] [--host H]``
+``--fail-every N`` answers every Nth completion request (the Nth, 2Nth, ... since start) with HTTP
+500 and :data:`FAILURE_BODY`, for testing how a client reports failed requests.
+
+Usage: ``python -m llama3_ops.lab.standin --port P --tokens-per-s R [--ttft-ms T] [--fail-every N] [--host H]``
 
 In Python: ``with standin_process(tokens_per_s=50) as base_url: ...`` runs it in a subprocess on a
 free port and waits until ``/health`` answers.
@@ -36,6 +39,7 @@ from llama3_ops.remote.procs import stop_process
 
 DEFAULT_MAX_TOKENS = 16
 TOKEN_TEXT = " hi"  # noqa: S105 - not a secret
+FAILURE_BODY = {"error": {"message": "standin: injected failure (--fail-every)", "type": "server_error"}}
 
 
 @dataclass
@@ -46,6 +50,7 @@ class StandinConfig:
     # The first N tokens of each stream carry empty text, as lmdeploy streams tokens that end
     # inside a UTF-8 sequence (random-weight models produce many).
     empty_tokens: int = 0
+    fail_every: int = 0  # every Nth completion request gets HTTP 500 (0: none)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class _Stats:
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    completions: int = 0  # since start (not reset): what --fail-every counts
+    failed: int = 0
 
 
 def _chunk(kind: str, model: str, rid: str, text: str | None, finish: str | None) -> dict[str, Any]:
@@ -78,7 +85,8 @@ def make_app(cfg: StandinConfig) -> web.Application:
 
     async def get_stats(_: web.Request) -> web.Response:
         return web.json_response(
-            {"requests": stats.requests, "in_flight": stats.in_flight, "max_in_flight": stats.max_in_flight}
+            {"requests": stats.requests, "in_flight": stats.in_flight, "max_in_flight": stats.max_in_flight,
+             "failed": stats.failed}
         )
 
     async def reset_stats(_: web.Request) -> web.Response:
@@ -89,6 +97,10 @@ def make_app(cfg: StandinConfig) -> web.Application:
     async def complete(request: web.Request, kind: str) -> web.StreamResponse:
         t0 = time.perf_counter()
         body = await request.json()
+        stats.completions += 1
+        if cfg.fail_every and stats.completions % cfg.fail_every == 0:
+            stats.failed += 1
+            return web.json_response(FAILURE_BODY, status=500)
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
         if kind == "chat":
             prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
@@ -202,6 +214,7 @@ def standin_process(
     host: str = "127.0.0.1",
     port: int | None = None,
     empty_tokens: int = 0,
+    fail_every: int = 0,
 ) -> Iterator[ServerURL]:
     """Run the stand-in in a subprocess; yields its base URL (``http://host:port``) and pid."""
     port = port or free_port(host)
@@ -219,6 +232,8 @@ def standin_process(
         str(ttft_ms),
         "--empty-tokens",
         str(empty_tokens),
+        "--fail-every",
+        str(fail_every),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     base = ServerURL(f"http://{host}:{port}", proc.pid)
@@ -274,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
     ap.add_argument("--model", default="standin")
     ap.add_argument("--empty-tokens", type=int, default=0, help="first N tokens stream empty text")
+    ap.add_argument("--fail-every", type=int, default=0, help="answer every Nth completion with HTTP 500")
     args = ap.parse_args(argv)
     if args.tokens_per_s <= 0:
         ap.error("--tokens-per-s must be > 0")
+    if args.fail_every < 0:
+        ap.error("--fail-every must be >= 0")
     cfg = StandinConfig(tokens_per_s=args.tokens_per_s, ttft_s=args.ttft_ms / 1000.0, model=args.model,
-                         empty_tokens=args.empty_tokens)
+                         empty_tokens=args.empty_tokens, fail_every=args.fail_every)
     print(f"standin listening on http://{args.host}:{args.port}", flush=True)
     web.run_app(make_app(cfg), host=args.host, port=args.port, print=None, backlog=4096, access_log=None)
     return 0

@@ -43,6 +43,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from llama3_ops.errors import Llama3OpsError
 
 # The index the locks are resolved against. A faithful mirror (TUNA) serves the same files with the
 # same hashes, so a lock compiled here installs from a mirror unchanged.
@@ -65,13 +68,14 @@ _ENTRY_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(
 _FORBIDDEN_LINE_RE = re.compile(r"^\s*(-e\b|--editable\b|-i\b|--index-url\b|--extra-index-url\b|-f\b|--find-links\b)")
 
 
-class LockError(Exception):
+class LockError(Llama3OpsError):
     """A profile's lock spec is invalid, or compiling a lock failed."""
 
 
 @dataclass(frozen=True)
 class GitPackage:
-    """A package only a git host has; installed after the lock with --no-deps."""
+    """A package only a git host has (a profile env's ``git_packages`` entry): installed after the
+    lock with --no-deps, built into a wheel for a wheelhouse."""
 
     name: str
     url_path: str
@@ -79,10 +83,19 @@ class GitPackage:
     commit: str
     extras: tuple[str, ...] = ()
 
+    def url(self, base_url: str) -> str:
+        """``git+BASE/URL_PATH@COMMIT``."""
+        return f"git+{base_url.rstrip('/')}/{self.url_path}@{self.commit}"
+
     def pip_spec(self, base_url: str) -> str:
         """The pip requirement that installs this package from ``base_url`` (llama3_git_base_url)."""
         extras = f"[{','.join(self.extras)}]" if self.extras else ""
-        return f"{self.name}{extras} @ git+{base_url.rstrip('/')}/{self.url_path}@{self.commit}"
+        return f"{self.name}{extras} @ {self.url(base_url)}"
+
+    @property
+    def version(self) -> str:
+        """The version its tag names (``v0.1.18`` -> ``0.1.18``); empty without a tag."""
+        return self.tag[1:] if self.tag.startswith("v") else self.tag
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -168,17 +181,20 @@ def normalise_requirement(text: str, *, where: str = "") -> str:
     return out
 
 
-def _git_package(raw: Any, where: str) -> GitPackage:
+def parse_git_package(raw: Any, where: str, *, require_tag: bool = True) -> GitPackage:
+    """One ``git_packages`` entry of a profile env (name, url_path, tag, 40-hex commit, extras)."""
     if not isinstance(raw, dict):
         raise LockError(f"{where}: each git_packages entry must be a mapping, got {raw!r}")
-    missing = [k for k in ("name", "url_path", "tag", "commit") if not raw.get(k)]
+    required = ("name", "url_path", "tag", "commit") if require_tag else ("name", "url_path", "commit")
+    missing = [k for k in required if not raw.get(k)]
     if missing:
         raise LockError(f"{where}: git package {raw!r} lacks {', '.join(missing)}")
-    name, url_path, tag, commit = (str(raw[k]) for k in ("name", "url_path", "tag", "commit"))
+    name, url_path, commit = (str(raw[k]) for k in ("name", "url_path", "commit"))
+    tag = str(raw.get("tag") or "")
     if not _COMMIT_RE.match(commit):
         raise LockError(
-            f"{where}: git package {name}: commit {commit!r} is not a full 40-hex sha "
-            f"(tags move; pin the commit that tag {tag} points at)"
+            f"{where}: git package {name} needs a 40-hex commit, got {commit!r} "
+            f"(tags move; pin the commit {f'that tag {tag} points at' if tag else 'to build'})"
         )
     if not _URL_PATH_RE.match(url_path):
         raise LockError(f"{where}: git package {name}: url_path {url_path!r} is not OWNER/REPO[.git]")
@@ -248,7 +264,7 @@ def load_env_specs(profile_path: Path) -> list[EnvSpec]:
         git_raw = body.get("git_packages") or []
         if not isinstance(git_raw, list):
             raise LockError(f"{where}: git_packages must be a list")
-        git = tuple(_git_package(g, where) for g in git_raw)
+        git = tuple(parse_git_package(g, where) for g in git_raw)
         clash = sorted({canonicalize_name(g.name) for g in git} & set(names))
         if clash:
             raise LockError(f"{where}: {', '.join(clash)} is both in packages and git_packages; keep one")
@@ -287,7 +303,7 @@ def lock_path(locks_dir: Path, profile: str, env: str) -> Path:
 
 
 def parse_header(text: str) -> LockHeader | None:
-    """The llama3-ops-spec line of a lock, or None when it has none."""
+    """The llama3-ops-spec line of a lock (among its leading comment lines), or None when it has none."""
     for line in text.splitlines():
         if not line.startswith("#"):
             break
@@ -556,7 +572,7 @@ def compile_all(
 
 def _print_problems(console: Console, problems: Iterable[str]) -> None:
     for p in problems:
-        console.print(f"[red]✗[/red] {p}", highlight=False)
+        console.print(Text.assemble(("✗", "red"), " ", p))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -589,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         problems = check_locks(args.profiles_dir, args.locks_dir)
     except LockError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(Text.assemble(("error:", "red"), " ", str(exc)))
         return 2
     if problems:
         _print_problems(console, problems)

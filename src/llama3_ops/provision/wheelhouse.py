@@ -42,6 +42,10 @@ from typing import Any
 import yaml
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from llama3_ops.errors import Llama3OpsError
+from llama3_ops.provision.locks import GitPackage, LockError, parse_git_package, parse_header
 
 ROOT = Path(__file__).resolve().parents[3]
 PROFILES_DIR = ROOT / "profiles"
@@ -50,26 +54,12 @@ MANIFEST = "llama3-ops-wheelhouse.json"
 DEFAULT_GIT_BASE = "https://github.com"
 # The oldest glibc among the supported hosts (Ubuntu 22.04: 2.35; Debian 12: 2.36; Ubuntu 24.04: 2.39).
 DEFAULT_GLIBC = "2.35"
-_HEADER_PY_RE = re.compile(r"^#\s*llama3-ops-spec:.*\bpython=(?P<py>3\.\d+)", re.MULTILINE)
 _GIT_BASE_RE = re.compile(r"\{\{\s*llama3_git_base_url\b[^}]*\}\}")
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SDIST_SUFFIXES = (".tar.gz", ".zip", ".tar.bz2", ".tgz")
 
 
-class WheelhouseError(RuntimeError):
+class WheelhouseError(Llama3OpsError):
     """The profile cannot be turned into a wheelhouse, or pip failed."""
-
-
-@dataclass(frozen=True)
-class GitPackage:
-    name: str
-    url_path: str
-    commit: str
-    tag: str = ""
-    extras: tuple[str, ...] = ()
-
-    def url(self, base: str) -> str:
-        return f"git+{base.rstrip('/')}/{self.url_path}@{self.commit}"
 
 
 @dataclass
@@ -113,16 +103,17 @@ def _render(spec: str, git_base: str, where: str) -> str:
 
 
 def _git_packages(items: Sequence[Any], where: str) -> list[GitPackage]:
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or not item.get("name") or not item.get("url_path"):
-            raise WheelhouseError(f"{where}: git package {item!r} needs name and url_path")
-        commit = str(item.get("commit", ""))
-        if not _COMMIT_RE.match(commit):
-            raise WheelhouseError(f"{where}: git package {item['name']} needs a 40-hex commit, got {commit!r}")
-        out.append(GitPackage(name=str(item["name"]), url_path=str(item["url_path"]), commit=commit,
-                              tag=str(item.get("tag", "")), extras=tuple(item.get("extras") or ())))
-    return out
+    """The env's git packages, as the locks read them (a tag is optional here: it only pins the version)."""
+    try:
+        return [parse_git_package(item, where, require_tag=False) for item in items]
+    except LockError as exc:
+        raise WheelhouseError(str(exc)) from exc
+
+
+def _lock_python(lock: Path) -> str | None:
+    """The Python version the lock's header names."""
+    header = parse_header(lock.read_text())
+    return header.fields.get("python") if header else None
 
 
 def plan(profile: str, envs: dict[str, Any] | None = None, only: Sequence[str] = (),
@@ -142,10 +133,10 @@ def plan(profile: str, envs: dict[str, Any] | None = None, only: Sequence[str] =
         lock = locks_dir / profile / f"{name}.txt"
         python = str(env.get("python", ""))
         if lock.is_file():
-            m = _HEADER_PY_RE.search(lock.read_text())
-            if m and python and m.group("py") != python:
-                raise WheelhouseError(f"{lock} is for Python {m.group('py')} but env {where} uses {python}")
-            python = python or (m.group("py") if m else "")
+            locked = _lock_python(lock)
+            if locked and python and locked != python:
+                raise WheelhouseError(f"{lock} is for Python {locked} but env {where} uses {python}")
+            python = python or locked or ""
         if not re.fullmatch(r"3\.\d+", python):
             raise WheelhouseError(f"env {where} has no target Python (python: \"3.10\") and no lock header naming one")
         plans.append(EnvPlan(
@@ -213,10 +204,6 @@ def _sdists(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.name.endswith(_SDIST_SUFFIXES))
 
 
-def _git_version(g: GitPackage) -> str:
-    return g.tag[1:] if g.tag.startswith("v") else g.tag
-
-
 def build(profile: str, out: Path, envs: dict[str, Any] | None = None, only: Sequence[str] = (),
           git_base: str = DEFAULT_GIT_BASE, platforms: Sequence[str] | None = None,
           find_links: Sequence[str] = (), locks_dir: Path = LOCKS_DIR, profiles_dir: Path = PROFILES_DIR,
@@ -255,7 +242,7 @@ def build(profile: str, out: Path, envs: dict[str, Any] | None = None, only: Seq
                     pip("download", "--only-binary", ":all:", "--dest", str(out), "setuptools", "wheel",
                         *_target(p.python, platforms), *links)
             elif kind == "download":
-                reqs = p.packages + [f"{g.name}=={_git_version(g)}" for g in p.git_packages if g.tag]
+                reqs = p.packages + [f"{g.name}=={g.version}" for g in p.git_packages if g.tag]
                 _download(pip, out, p.python, platforms, links, reqs)
                 if p.no_deps:
                     _download(pip, out, p.python, platforms, links, p.no_deps, no_deps=True)
@@ -276,8 +263,8 @@ def build(profile: str, out: Path, envs: dict[str, Any] | None = None, only: Seq
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     size = sum(f.stat().st_size for f in files)
-    console.print(f"[green]wheelhouse[/] {out}: {len(files)} files, {size / 2**20:.0f} MiB, "
-                  f"{manifest['seconds']} s (log {pip.log})")
+    console.print(Text.assemble(("wheelhouse", "green"), f" {out}: {len(files)} files, {size / 2**20:.0f} MiB, "
+                                f"{manifest['seconds']} s (log {pip.log})"))
     return manifest
 
 
@@ -295,10 +282,10 @@ def _check(pip: _Pip, p: EnvPlan, out: Path, platforms: Sequence[str]) -> None:
         if p.lock:
             pip(*common, "--no-deps", "--require-hashes", "-r", str(p.lock))
             if p.git_packages:
-                pip(*common, "--no-deps", *[f"{g.name}=={_git_version(g)}" if g.tag else g.name
+                pip(*common, "--no-deps", *[f"{g.name}=={g.version}" if g.tag else g.name
                                             for g in p.git_packages])
         else:
-            reqs = p.packages + [f"{g.name}=={_git_version(g)}" if g.tag else g.name for g in p.git_packages]
+            reqs = p.packages + [f"{g.name}=={g.version}" if g.tag else g.name for g in p.git_packages]
             pip(*common, "--only-binary", ":all:", *reqs)
         if p.no_deps:
             pip(*common, "--no-deps", "--only-binary", ":all:", *p.no_deps)
@@ -323,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               platforms=args.platform or platform_tags(args.arch, args.glibc), find_links=args.find_links,
               console=console)
     except WheelhouseError as exc:
-        console.print(f"[red]wheelhouse failed:[/] {exc}")
+        console.print(Text.assemble(("wheelhouse failed:", "red"), " ", str(exc)))
         return 1
     return 0
 

@@ -1,7 +1,8 @@
 """Interactive streamed chat with the course model through the tunnel (OpenAI chat API, SSE).
 
 Replaces ``lmdeploy serve api_client`` (gone since lmdeploy 0.10). Standard library HTTP only, so it
-works with any OpenAI-compatible server (lmdeploy api_server, ``transformers serve``).
+works with any OpenAI-compatible server (lmdeploy api_server, ``transformers serve``). The stream is
+parsed by the web demo's own parser (``webapp/llama3_chat.py``, which is uploaded to the host with the apps).
 Commands: ``/exit`` (or Ctrl-D), ``/clear`` (forget the history), ``/system TEXT``.
 """
 
@@ -16,12 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
+
+from llama3_ops.errors import Llama3OpsError
+from llama3_ops.stages.webapp.llama3_chat import StreamError, sse_content
 
 Message = dict[str, str]
 
 
-class ChatError(RuntimeError):
-    pass
+class ChatError(Llama3OpsError):
+    """The server cannot be reached, refused the request, or failed mid-answer."""
 
 
 def _request(
@@ -88,20 +93,10 @@ def stream_chat(
         "stream": True,
     }
     with _open(_request(base_url, "/v1/chat/completions", body, api_key), timeout) as resp:
-        for raw in resp:
-            line = raw.decode(errors="replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise ChatError(f"server error mid-stream: {chunk['error']}")
-            for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    yield str(piece)
+        try:
+            yield from sse_content(resp)
+        except StreamError as exc:
+            raise ChatError(f"server error mid-stream: {exc.detail}") from exc
 
 
 @dataclass
@@ -155,11 +150,14 @@ def repl(
     con = console or Console()
     try:
         model = model or list_models(base_url, api_key)[0]
-    except (ChatError, IndexError) as exc:
-        con.print(f"[red]{exc}[/]")
+    except ChatError as exc:
+        con.print(Text(str(exc), style="red"))
+        return 1
+    except IndexError:
+        con.print(Text(f"the server at {base_url} lists no models (GET /v1/models)", style="red"))
         return 1
     session = ChatSession(base_url, model, api_key, system, max_tokens)
-    con.print(f"[bold]chat with {model}[/] at {base_url}  (/exit, /clear, /system TEXT)")
+    con.print(Text.assemble((f"chat with {model}", "bold"), f" at {base_url}  (/exit, /clear, /system TEXT)"))
     while True:
         try:
             text = con.input("[bold cyan]you> [/]").strip()
@@ -188,4 +186,5 @@ def repl(
         except KeyboardInterrupt:
             con.print("\n[dim](interrupted)[/]")
         except ChatError as exc:
-            con.print(f"\n[red]{exc}[/]")
+            con.print()
+            con.print(Text(str(exc), style="red"))

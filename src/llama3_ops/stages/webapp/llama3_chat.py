@@ -10,6 +10,9 @@ torch only. Two backends with one interface (``stream(messages, settings)`` yiel
 
 Both build the prompt with the tokenizer's own chat template (``apply_chat_template``): the Llama 3
 template for the course model. "Max Length" is the course's setting: prompt plus answer, in tokens.
+
+:func:`sse_content` reads an OpenAI chat completion stream; ``fab client``
+(:mod:`llama3_ops.stages.client`) imports it from here, so the laptop and the host parse streams alike.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +35,36 @@ EOT_TOKEN = "<|eot_id|>"  # noqa: S105 - the end of a Llama 3 Instruct turn, not
 
 class BackendError(RuntimeError):
     """A failure the app shows as one clear message (missing model, server down, prompt too long)."""
+
+
+class StreamError(RuntimeError):
+    """The server reported an error in the middle of a stream (an ``{"error": ...}`` chunk)."""
+
+    def __init__(self, detail: object) -> None:
+        super().__init__(str(detail))
+        self.detail = detail
+
+
+def sse_content(lines: Iterable[bytes]) -> Iterator[str]:
+    """The content deltas of a streamed OpenAI chat completion: its ``data: {...}`` lines up to
+    ``data: [DONE]`` (or the end of the stream; ``transformers serve`` sends no ``[DONE]``).
+
+    Raises :class:`StreamError` for an error chunk.
+    """
+    for raw in lines:
+        line = raw.decode(errors="replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise StreamError(chunk["error"])
+        for choice in chunk.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                yield str(piece)
 
 
 @dataclass(frozen=True)
@@ -258,20 +291,10 @@ class ApiBackend:
         if stop:
             body["stop"] = list(stop)
         with self._open(self._request("/v1/chat/completions", body), self.timeout) as resp:
-            for raw in resp:
-                line = raw.decode(errors="replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise BackendError(f"the model server failed mid-answer: {chunk['error']}")
-                for choice in chunk.get("choices", []):
-                    piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        yield str(piece)
+            try:
+                yield from sse_content(resp)
+            except StreamError as exc:
+                raise BackendError(f"the model server failed mid-answer: {exc.detail}") from exc
 
 
 def make_backend(
