@@ -145,6 +145,44 @@ async def _on_headers_sent(
         rec.sent = time.perf_counter()
 
 
+class _Stream:
+    """What one request's SSE events say: tokens and their timing, usage, whether it finished."""
+
+    def __init__(self, rec: RequestResult) -> None:
+        self.rec = rec
+        self.chunks = 0
+        self.last: float | None = None
+        self.finished = False
+
+    def feed(self, obj: dict[str, Any], now: float) -> None:
+        rec = self.rec
+        usage = obj.get("usage")
+        if usage:
+            rec.output_tokens = int(usage.get("completion_tokens") or 0)
+            rec.output_tokens_source = "usage"
+            if usage.get("prompt_tokens") is not None:
+                rec.server_prompt_tokens = int(usage["prompt_tokens"])
+        self.finished = self.finished or any(c.get("finish_reason") for c in obj.get("choices") or [])
+        if _is_token_event(obj):
+            self.chunks += 1
+            if rec.first_token is None:
+                rec.first_token = now
+            elif self.last is not None:
+                rec.itl.append(now - self.last)
+            self.last = now
+
+    def close(self) -> None:
+        rec = self.rec
+        if rec.output_tokens_source != "usage":
+            rec.output_tokens = self.chunks
+            rec.output_tokens_source = "chunks"
+        rec.success = rec.first_token is not None and self.finished
+        if rec.first_token is None:
+            rec.error = "no tokens streamed"
+        elif not self.finished:
+            rec.error = "stream cut off: it ended without a finish_reason or [DONE]"
+
+
 async def send_one(
     session: aiohttp.ClientSession,
     cfg: ClientConfig,
@@ -156,9 +194,7 @@ async def send_one(
     if rec is None:
         rec = RequestResult(index=idx, prompt_len=req.prompt_len, requested_output_len=req.output_len)
     rec.start = time.perf_counter()
-    chunks = 0
-    last: float | None = None
-    finished = False
+    stream = _Stream(rec)
     try:
         async with session.post(
             cfg.url(), json=build_payload(cfg, req), headers=cfg.headers(), trace_request_ctx=rec
@@ -173,35 +209,15 @@ async def send_one(
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
-                    finished = True
+                    stream.finished = True
                     break
                 now = time.perf_counter()
                 obj = json.loads(data)
                 if obj.get("error"):
                     rec.error = f"stream error: {str(obj['error'])[:200]}"
                     return rec
-                usage = obj.get("usage")
-                if usage:
-                    rec.output_tokens = int(usage.get("completion_tokens") or 0)
-                    rec.output_tokens_source = "usage"
-                    if usage.get("prompt_tokens") is not None:
-                        rec.server_prompt_tokens = int(usage["prompt_tokens"])
-                finished = finished or any(c.get("finish_reason") for c in obj.get("choices") or [])
-                if _is_token_event(obj):
-                    chunks += 1
-                    if rec.first_token is None:
-                        rec.first_token = now
-                    elif last is not None:
-                        rec.itl.append(now - last)
-                    last = now
-        if rec.output_tokens_source != "usage":
-            rec.output_tokens = chunks
-            rec.output_tokens_source = "chunks"
-        rec.success = rec.first_token is not None and finished
-        if rec.first_token is None:
-            rec.error = "no tokens streamed"
-        elif not finished:
-            rec.error = "stream cut off: it ended without a finish_reason or [DONE]"
+                stream.feed(obj, now)
+        stream.close()
     except asyncio.CancelledError:
         rec.error = "cancelled (overall timeout)"
         raise

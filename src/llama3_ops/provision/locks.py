@@ -240,46 +240,37 @@ def load_env_specs(profile_path: Path) -> list[EnvSpec]:
     envs = python_env.get("envs")
     if not isinstance(envs, dict) or not envs:
         raise LockError(f"profile {profile!r}: python_env.envs is missing or empty")
-    specs: list[EnvSpec] = []
-    for env, body in envs.items():
-        where = f"{profile}/{env}"
-        if not isinstance(body, dict):
-            raise LockError(f"{where}: env must be a mapping with python and packages")
-        exclude_newer = (
-            _exclude_newer(body["exclude_newer"], f"{where}: exclude_newer")
-            if "exclude_newer" in body
-            else default_date
-        )
-        raw_python = body.get("python", "")
-        python = raw_python if isinstance(raw_python, str) else repr(raw_python)
-        if not isinstance(raw_python, str) or not _PYTHON_RE.match(python):
-            raise LockError(f'{where}: python must be a version like "3.10" (quoted), got {python!r}')
-        packages = body.get("packages")
-        if not isinstance(packages, list) or not packages:
-            raise LockError(f"{where}: packages must be a non-empty list")
-        names = [canonicalize_name(Requirement(normalise_requirement(p, where=where)).name) for p in packages]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise LockError(f"{where}: packages list {', '.join(dupes)} more than once; merge the specifiers")
-        git_raw = body.get("git_packages") or []
-        if not isinstance(git_raw, list):
-            raise LockError(f"{where}: git_packages must be a list")
-        git = tuple(parse_git_package(g, where) for g in git_raw)
-        clash = sorted({canonicalize_name(g.name) for g in git} & set(names))
-        if clash:
-            raise LockError(f"{where}: {', '.join(clash)} is both in packages and git_packages; keep one")
-        specs.append(
-            EnvSpec(
-                profile=profile,
-                env=str(env),
-                python=python,
-                platform=platform,
-                exclude_newer=exclude_newer,
-                packages=tuple(str(p) for p in packages),
-                git_packages=git,
-            )
-        )
-    return specs
+    return [_env_spec(profile, str(env), body, platform, default_date) for env, body in envs.items()]
+
+
+def _env_spec(profile: str, env: str, body: Any, platform: str, default_date: str) -> EnvSpec:
+    """One env of a profile's python_env.envs, checked (:class:`LockError` names the env and the fix)."""
+    where = f"{profile}/{env}"
+    if not isinstance(body, dict):
+        raise LockError(f"{where}: env must be a mapping with python and packages")
+    exclude_newer = (
+        _exclude_newer(body["exclude_newer"], f"{where}: exclude_newer") if "exclude_newer" in body else default_date
+    )
+    raw_python = body.get("python", "")
+    python = raw_python if isinstance(raw_python, str) else repr(raw_python)
+    if not isinstance(raw_python, str) or not _PYTHON_RE.match(python):
+        raise LockError(f'{where}: python must be a version like "3.10" (quoted), got {python!r}')
+    packages = body.get("packages")
+    if not isinstance(packages, list) or not packages:
+        raise LockError(f"{where}: packages must be a non-empty list")
+    names = [canonicalize_name(Requirement(normalise_requirement(p, where=where)).name) for p in packages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise LockError(f"{where}: packages list {', '.join(dupes)} more than once; merge the specifiers")
+    git_raw = body.get("git_packages") or []
+    if not isinstance(git_raw, list):
+        raise LockError(f"{where}: git_packages must be a list")
+    git = tuple(parse_git_package(g, where) for g in git_raw)
+    clash = sorted({canonicalize_name(g.name) for g in git} & set(names))
+    if clash:
+        raise LockError(f"{where}: {', '.join(clash)} is both in packages and git_packages; keep one")
+    return EnvSpec(profile=profile, env=env, python=python, platform=platform, exclude_newer=exclude_newer,
+                   packages=tuple(str(p) for p in packages), git_packages=git)
 
 
 def profile_paths(profiles_dir: Path, names: Sequence[str] = ()) -> list[Path]:
