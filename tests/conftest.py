@@ -17,6 +17,29 @@ from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
 ROOT = Path(__file__).resolve().parents[1]
 _host_offset = itertools.count(8)
 
+# The test tiers (`nox -s unit` runs `-m "not freshhost and not sshd and not slow and not network"`).
+# A test that uses one of these fixtures, directly or through another fixture, must carry the
+# markers, or collection stops: a forgotten marker would put a fresh-host boot or a real sshd
+# into the unit tier, which must run without root in minutes.
+FIXTURE_MARKERS = {
+    "lab": ("freshhost",),
+    "sshd_host": ("sshd",),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, markers in FIXTURE_MARKERS.items():
+            lacking = [m for m in markers if fixture in used and item.get_closest_marker(m) is None]
+            if lacking:
+                missing.append(f"{item.nodeid}: uses the {fixture!r} fixture but lacks "
+                               + ", ".join(f"@pytest.mark.{m}" for m in lacking))
+    if missing:
+        raise pytest.UsageError("tests missing their tier markers (see tests/conftest.py FIXTURE_MARKERS):\n  "
+                                + "\n  ".join(missing))
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -46,7 +69,9 @@ def lab() -> Iterator[object]:
             pytest.fail("CI must run the fresh-host tests: run as root with mmdebstrap and systemd-container")
         pytest.skip("fresh hosts need root, mmdebstrap and systemd-nspawn (see README)")
     base = Path(os.environ.get("LLAMA3_FRESH_HOSTS", ROOT / ".fresh-hosts"))
-    lab = FreshHostLab(base)
+    # Hosts hand their apt and pip downloads on to the next host (FreshHostLab.package_cache): every
+    # host still runs apt and pip for real, only the transfers are saved. LLAMA3_FRESH_HOSTS_CACHE=0: off.
+    lab = FreshHostLab(base, package_cache=os.environ.get("LLAMA3_FRESH_HOSTS_CACHE", "1") != "0")
     lab.build()
     yield lab
 
