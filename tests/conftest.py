@@ -41,6 +41,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                 + "\n  ".join(missing))
 
 
+# Seconds (setup + call + teardown) and test counts per tier, printed at the end of every run, so a
+# CI log gives the cost of each tier. A session fixture counts for the first test that needs it.
+TIERS = ("freshhost", "sshd", "network", "slow")
+_tier_time: dict[str, list[float]] = {}
+
+
+def _tier(keywords: object) -> str:
+    return next((t for t in TIERS if t in keywords), "unit")  # type: ignore[operator]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    entry = _tier_time.setdefault(_tier(report.keywords), [0.0, 0])
+    entry[0] += report.duration
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        entry[1] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _tier_time:
+        terminalreporter.write_line("time by tier: " + ", ".join(
+            f"{t} {s:.0f} s ({int(n)} tests)" for t, (s, n) in sorted(_tier_time.items(), key=lambda kv: -kv[1][0])))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-3-shaped checkpoint (random weights, real tokenizer), built once per run."""
