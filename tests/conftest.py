@@ -94,7 +94,9 @@ def lab() -> Iterator[object]:
     base = Path(os.environ.get("LLAMA3_FRESH_HOSTS", ROOT / ".fresh-hosts"))
     # Hosts hand their apt and pip downloads on to the next host (FreshHostLab.package_cache): every
     # host still runs apt and pip for real, only the transfers are saved. LLAMA3_FRESH_HOSTS_CACHE=0: off.
-    lab = FreshHostLab(base, package_cache=os.environ.get("LLAMA3_FRESH_HOSTS_CACHE", "1") != "0")
+    # A stopped host's files are deleted in the background (FreshHostLab.background_cleanup).
+    lab = FreshHostLab(base, package_cache=os.environ.get("LLAMA3_FRESH_HOSTS_CACHE", "1") != "0",
+                       background_cleanup=True)
     lab.build()
     yield lab
 
