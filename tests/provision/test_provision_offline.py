@@ -204,6 +204,7 @@ def test_wheelhouse_bad_input(tmp_path: Path) -> None:
     assert cli.returncode == 1 and "unknown profile 'gpu-fast'" in cli.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_wheelhouse_builds_git_packages_from_their_commit_and_locks_by_hash(tmp_path: Path) -> None:
     """A locked env with a git package: the lock's files by hash, the git package built into a wheel."""
