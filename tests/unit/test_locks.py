@@ -372,6 +372,7 @@ def test_cli_compile_refuses_unknown_and_unlocked_profiles() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_real_compile_installs_with_require_hashes(tmp_path: Path) -> None:
     """uv compiles a tiny profile; pip installs it with --require-hashes; a wrong hash is refused."""
     try:

@@ -172,6 +172,7 @@ def test_conda_is_never_updated_and_envs_are_created_once() -> None:
         assert str(t["ansible.builtin.command"]["creates"]).endswith("/bin/python"), t["name"]  # type: ignore[index]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["course", "current"])
 def test_locked_profiles_install_their_hash_locks(profile: str, tmp_path: Path) -> None:
     """The python_env role in check mode on localhost: every env of a GPU profile installs its committed

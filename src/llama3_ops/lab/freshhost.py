@@ -9,6 +9,13 @@ The controller here has no Docker and no systemd, so a "fresh host" is built fro
 3. ``systemd-nspawn --boot`` runs a real systemd as PID 1 inside (logind, ``systemctl --user``,
    linger), and the controller reaches its sshd on port 22 with strict host-key checking.
 
+With ``package_cache=True`` (or ``LLAMA3_FRESH_HOSTS_CACHE=1``) the downloads one host made are kept
+for the next: apt's ``.deb`` files and the course user's pip cache are hard-linked into a new host's
+overlay before it boots and the new ones are linked back under ``BASE/cache`` when it stops. The host
+still runs ``apt-get update``/``install`` and pip exactly as a fresh one does (apt checks a cached
+``.deb`` against the package lists' hash; pip revalidates what it cached); only the transfers go.
+Nothing is shared while hosts run, so hosts of several labs on one machine never lock each other out.
+
 The guest's ``127.0.0.1`` is its own stack, so a server on the guest's 127.0.0.1:23333 and the
 tunnel's local 127.0.0.1:23333 never collide, exactly as with a real remote host.
 
@@ -40,6 +47,9 @@ ROOTFS_PACKAGES = (
 )
 # Bump when the rootfs recipe changes, so a cached rootfs is rebuilt.
 ROOTFS_RECIPE = "3"
+# Download caches carried from host to host (package_cache=True): guest path -> the files kept.
+# apt: only the top-level .deb files (lock and partial/ stay per host); pip: its whole cache dir.
+PACKAGE_CACHES = {"apt": ("var/cache/apt/archives", "*.deb"), "pip": (f"home/{GUEST_USER}/.cache/pip", "**/*")}
 # Controller tools: the lab itself, plus what the tests and the demo use (git-lfs fixtures, a
 # loopback sshd, tmux).
 HOST_TOOLS = {"mmdebstrap": "mmdebstrap", "systemd-nspawn": "systemd-container", "iptables": "iptables",
@@ -92,10 +102,18 @@ class Instance:
 class FreshHostLab:
     """Builds the rootfs and starts/stops hosts under ``base`` (default ``./.fresh-hosts``)."""
 
-    def __init__(self, base: Path | str = ".fresh-hosts") -> None:
+    def __init__(self, base: Path | str = ".fresh-hosts", package_cache: bool | None = None,
+                 background_cleanup: bool = False) -> None:
         self.base = Path(base).resolve()
         self.rootfs = self.base / "rootfs"
         self.key = self.base / "keys" / "id_ed25519"
+        if package_cache is None:
+            package_cache = os.environ.get("LLAMA3_FRESH_HOSTS_CACHE", "") not in ("", "0")
+        self.package_cache = package_cache
+        self.cache = self.base / "cache"
+        # down() moves a stopped host's files (GBs of venvs: ~90 s to delete under load) aside and
+        # deletes them in a niced background `rm -rf` instead of waiting for it.
+        self.background_cleanup = background_cleanup
 
     # -- host tools and rootfs -------------------------------------------------------------
     @staticmethod
@@ -198,6 +216,8 @@ class FreshHostLab:
             raise FreshHostError(f"network namespace {name} exists: stop the old host first (down {name} {idx})")
         for sub in ("upper", "work", "merged"):
             (inst.dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.package_cache:
+            self._seed_caches(inst)
         with self._lock():
             self._net_up(inst)
             nspawn = Path("/run/systemd/nspawn")
@@ -321,7 +341,9 @@ class FreshHostLab:
                 shutil.copyfile(inst.dir / "console.log", self.base / f"last-console-{name}.log")
             if leftover or os.path.ismount(inst.merged):
                 raise FreshHostError(f"host {name}: processes {leftover} still running; kept {inst.dir}")
-            shutil.rmtree(inst.dir, ignore_errors=True)
+            if self.package_cache:
+                self._harvest_caches(inst)
+            self._discard(inst.dir)
             inst_root = self.base / "inst"
             nspawn = Path("/run/systemd/nspawn")
             # Another lab (a second checkout, CI beside a demo) may still run hosts: unmount only
@@ -329,6 +351,79 @@ class FreshHostLab:
             if (not inst_root.exists() or not any(inst_root.iterdir())) and os.path.ismount(nspawn) \
                     and not _nspawn_running():
                 _run(["umount", str(nspawn)], check=False)
+
+    def _discard(self, path: Path) -> None:
+        if not self.background_cleanup or not path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        trash = self.base / "trash" / f"{path.name}.{time.time_ns()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(trash)
+        subprocess.Popen(["nice", "-n", "19", "rm", "-rf", str(trash)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    # -- download caches carried between hosts (package_cache) --------------------------------
+    def _upper_dirs(self, inst: Instance, guest_path: str) -> Path:
+        """Create ``guest_path``'s directories in the host's (not yet mounted) overlay upper layer with
+        the rootfs's owner and mode, so the merged view looks as without them; missing ones (the
+        user's ~/.cache) get the owner of the nearest parent that exists in the rootfs."""
+        upper, lower = inst.dir / "upper", self.rootfs
+        uid = gid = 0
+        for i, _part in enumerate(Path(guest_path).parts, start=1):
+            rel = Path(*Path(guest_path).parts[:i])
+            target = upper / rel
+            if (lower / rel).is_dir():
+                st = (lower / rel).stat()
+                uid, gid, mode = st.st_uid, st.st_gid, st.st_mode & 0o7777
+            else:
+                mode = 0o755
+            if not target.is_dir():
+                target.mkdir()
+                os.chown(target, uid, gid)
+                target.chmod(mode)
+        return upper / guest_path
+
+    def _seed_caches(self, inst: Instance) -> None:
+        for key, (guest_path, _pattern) in PACKAGE_CACHES.items():
+            src = self.cache / key
+            if not src.is_dir():
+                continue
+            dest = self._upper_dirs(inst, guest_path)
+            for f in src.rglob("*"):
+                rel = f.relative_to(src)
+                if f.is_dir():
+                    d = dest / rel
+                    if not d.is_dir():
+                        d.mkdir(parents=True)
+                        st = f.stat()
+                        os.chown(d, st.st_uid, st.st_gid)
+                elif f.is_file() and not (dest / rel).exists():
+                    os.link(f, dest / rel)
+
+    def _harvest_caches(self, inst: Instance) -> None:
+        """Link what the host downloaded into BASE/cache (by rename, so a reader never sees half a file)."""
+        for key, (guest_path, pattern) in PACKAGE_CACHES.items():
+            src = inst.dir / "upper" / guest_path
+            if not src.is_dir():
+                continue
+            dest = self.cache / key
+            for f in src.glob(pattern):
+                if not f.is_file() or f.is_symlink():
+                    continue
+                out = dest / f.relative_to(src)
+                if out.exists():
+                    continue
+                with contextlib.suppress(OSError):  # best effort: a cache miss is only slower
+                    dest.mkdir(parents=True, exist_ok=True)
+                    for d in reversed(f.relative_to(src).parents[:-1]):  # each directory, as the host had it
+                        if not (dest / d).is_dir():
+                            (dest / d).mkdir()
+                            st = (src / d).stat()
+                            os.chown(dest / d, st.st_uid, st.st_gid)
+                    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+                    tmp.unlink(missing_ok=True)
+                    os.link(f, tmp)
+                    tmp.rename(out)
 
     @contextlib.contextmanager
     def host(self, name: str, idx: int) -> Iterator[SSHTarget]:
