@@ -181,7 +181,7 @@ def test_agent_finetune_converts_agent_flan_and_trains(provisioned: Provisioned,
     assert result.checkpoint == f"{HOME}/llama3-course/work_dirs/agent-finetune/iter_1.pth"
     assert result.merged_path is None and result.adapter is None
     assert result.eval_answer is not None
-    assert finetune.merged_ready(remote, agent_finetune.MERGED) is None
+    assert finetune.merged_ready(remote, f"{HOME}/model/{agent_finetune.MERGED_NAME}") is None
     config = provisioned.sh("cat ~/llama3-course/configs/llama3_8b_instruct_qlora_agentflan_3e_cpu.py")
     assert "dataset_map_fn=openai_map_fn" in config and "r=64" in config and "max_length = 4096" in config
     converted = provisioned.sh(
