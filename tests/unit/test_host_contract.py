@@ -63,3 +63,13 @@ def test_read_host_prefers_the_config_link(tmp_path: Path) -> None:
     (tmp_path / "llama3-course" / "host.json").write_text(json.dumps(GOOD))
     h = read_host(remote)
     assert (h.profile, h.home, h.label) == ("moved", str(tmp_path), "localhost")
+
+
+def test_the_lab_says_what_apt_will_install_and_upgrade() -> None:
+    from llama3_ops.lab.freshhost import apt_plan
+
+    sim = ("NOTE: This is only a simulation!\n"
+           "Inst systemd [252.30-1~deb12u2] (252.38-1~deb12u1 Debian:12.15/oldstable [amd64])\n"
+           "Inst mmdebstrap (1.3.5-7 Debian:12.15/oldstable [all])\n"
+           "Conf mmdebstrap (1.3.5-7 Debian:12.15/oldstable [all])\n")
+    assert apt_plan(sim) == (["mmdebstrap"], ["systemd 252.30-1~deb12u2 -> 252.38-1~deb12u1"])

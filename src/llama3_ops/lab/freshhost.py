@@ -124,8 +124,15 @@ class FreshHostLab:
         missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool, path=path) is None})
         if missing:
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+            _say(f"the fresh-host lab needs {', '.join(missing)} on this machine: apt-get update, then a dry run")
             _run(["apt-get", "update", "-qq"], env=env)
-            _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
+            new, upgraded = apt_plan(_run([*install[:2], "-s", *install[2:]], env=env).stdout)
+            _say(f"apt will install {len(new)} package(s): {', '.join(new) or 'none'}")
+            if upgraded:
+                _say(f"and UPGRADE {len(upgraded)} of this machine's own: {', '.join(upgraded)}")
+            _run(install, env=env)
+            _say("apt: done")
 
     def rootfs_ready(self) -> bool:
         stamp = self.rootfs / ".llama3-ops-rootfs"
@@ -144,6 +151,7 @@ class FreshHostLab:
         tmp = self.base / "rootfs.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         log = self.base / "mmdebstrap.log"
+        _say(f"building the Debian bookworm rootfs with mmdebstrap (about a minute, once; log: {log})")
         sources = "/etc/apt/sources.list.d/debian.sources"
         if not Path(sources).exists():
             sources = "/etc/apt/sources.list"
@@ -454,6 +462,25 @@ class FreshHostLab:
         if check and proc.returncode != 0:
             raise FreshHostError(f"`{command}` on {target.label} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
         return proc
+
+
+def _say(message: str) -> None:
+    print(f"[fresh-host lab] {message}", file=sys.stderr, flush=True)
+
+
+def apt_plan(simulation: str) -> tuple[list[str], list[str]]:
+    """``apt-get -s install``'s plan: (new packages, upgrades as ``name old -> new``)."""
+    new: list[str] = []
+    upgraded: list[str] = []
+    for line in simulation.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or parts[0] != "Inst":
+            continue
+        if parts[2].startswith("["):  # Inst NAME [OLD] (NEW ...)
+            upgraded.append(f"{parts[1]} {parts[2].strip('[]')} -> {parts[3].lstrip('(')}")
+        else:
+            new.append(parts[1])
+    return new, upgraded
 
 
 def write_inventory(path: Path, targets: list[SSHTarget], host_vars: dict[str, object] | None = None) -> Path:
