@@ -66,6 +66,8 @@ def _serve(c: Connection, v: SimpleNamespace) -> None:
     model_id = result.ready.model_id if result.ready else "?"
     if v.detach:
         state = tunnel.up(spec)
+        for notice in state.notices:
+            console.print(f"tunnel: {notice}", style="yellow", markup=False)
         console.print(f"API {state.url}/docs  model {model_id!r}  stop: fab -H {c.host} down", markup=False)
         return
     console.print(f"model {model_id!r}; Swagger UI on the local URL below; Ctrl-C closes the tunnel "

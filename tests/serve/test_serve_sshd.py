@@ -156,6 +156,22 @@ def test_busy_local_port_moves_to_next_free(ssh_target: SSHHost, served: Served)
         blocker.close()
 
 
+def test_a_detached_tunnel_says_it_moved_off_a_busy_port(ssh_target: SSHHost, served: Served,
+                                                         state_root: Path) -> None:
+    """fab serve --detach and fab webdemo --detach print state.notices: the move is never silent."""
+    busy = find_free_port(27900 + os.getpid() % 100)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", busy))
+    blocker.listen(1)
+    try:
+        st = tunnel.up(_tunnel_spec(ssh_target, served, local_port=busy, name="t-busy"), root=state_root)
+        assert st.local_port != busy
+        assert st.notices == [f"local port {busy} is busy; using 127.0.0.1:{st.local_port} instead"], st.events
+    finally:
+        blocker.close()
+        tunnel.down("t-busy", root=state_root)
+
+
 def test_wrong_host_key_is_refused(ssh_target: SSHHost, served: Served, tmp_path: Path) -> None:
     other = ssh_target.target.known_hosts.parent / "other_host_key.pub"  # type: ignore[union-attr]
     kind, key = other.read_text().split()[:2]

@@ -520,6 +520,11 @@ class TunnelState:
     state_file: str = ""
 
     @property
+    def notices(self) -> list[str]:
+        """What the user must be told (a busy local port moved to the next free one)."""
+        return [e.split(" ", 1)[-1] for e in self.events if "busy" in e]
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.local_port}"
 

@@ -374,9 +374,8 @@ def open_tunnel(
     """Open the tunnel and print the URL: detached (returns), or in the foreground until Ctrl-C."""
     if detach:
         state = tunnel.up(spec)
-        for event in state.events:
-            if "busy" in event:
-                console.print(f"[yellow]tunnel:[/] {event.split(' ', 1)[-1]}")
+        for notice in state.notices:
+            console.print(f"tunnel: {notice}", style="yellow", markup=False)
         console.print(f"[green]{title}[/]: open {state.url}  (stop: fab -H {host} stop --service {spec.name}; "
                       f"fab -H {host} down)")
         return 0
