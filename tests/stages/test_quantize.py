@@ -337,9 +337,8 @@ def test_stages_run_dry_run_prints_the_commands(tmp_path: Path) -> None:
     model = str(ROOT / ".gpu-work-dryrun-test" / "Meta-Llama-3-8B-Instruct")
     assert [a.model for a in chats] == [model, model + "_4bit"]
     for a in chats:
-        assert (a.backend, a.cache_max_entry_count, a.session_len, a.env_bin_dir) == ("pytorch", 0.01, 512,
-                                                                                        "/tmp/site/bin")
-        assert a.env == [f"PYTHONPATH=/tmp/site:{ROOT}/src"] and a.question == ["Please introduce yourself."]
+        assert (a.backend, a.cache_max_entry_count, a.session_len, a.env) == ("pytorch", 0.01, 512, "/tmp/site/bin")
+        assert a.setenv == [f"PYTHONPATH=/tmp/site:{ROOT}/src"] and a.question == ["Please introduce yourself."]
     [q] = [quantize.build_parser().parse_args(c[c.index("-m") + 2:]) for c in cmds if "llama3_ops.stages.quantize" in c]
     assert (q.model, q.calib_samples, q.calib_seqlen, q.w_group_size, q.force) == (model, 128, 1024, 128, True)
     assert any(c[:2] == ["nvidia-smi", "--query-gpu=name,driver_version,memory.total"] for c in cmds)
