@@ -96,7 +96,8 @@ def test_offline_mode_refuses_to_run_apt(offline: OfflineHost) -> None:
     assert run.rc != 0 and run.counts()["failed"] == 1, run.tail(40)
     text = " ".join(run.output.split())
     assert ("Offline mode (llama3_offline=true): task 'Install the system packages' would reach the network "
-            "(apt-get update and install) for git, git-lfs") in text
+            "(apt-get update and install) for git, tmux") in text
+    assert "git-lfs" not in text.split("would reach the network")[1].split(".")[0], "git-lfs asked for a local model"
     assert "TASK [llama3_base : Install the system packages]" not in run.output
     assert not offline.envs_after_refusal
 
