@@ -20,6 +20,8 @@ from hostlab import Provisioned, slot_name
 from llama3_ops.lab.freshhost import FreshHostLab, write_inventory
 from llama3_ops.provision.playbook import PlaybookRun
 
+pytestmark = [pytest.mark.freshhost, pytest.mark.slow]
+
 HOME = "/home/student"
 MODEL_SRC = "/srv/model-src/Meta-Llama-3-8B-Instruct"
 WHEELS = "/srv/image-wheels"
@@ -48,7 +50,7 @@ class HostTorch:
 def hosttorch(lab: FreshHostLab, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostTorch]:
     tmp = tmp_path_factory.mktemp("hosttorch")
     wheel = torch_wheel()
-    name, idx = slot_name("htorch", 7)
+    name, idx = slot_name("htorch", 2)
     with lab.host(name, idx) as target:
         lab.put(name, idx, tiny_model, MODEL_SRC)
         lab.put(name, idx, wheel, f"{WHEELS}/{wheel.name}")
