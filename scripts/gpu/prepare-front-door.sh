@@ -25,9 +25,24 @@ dl "$dir/ctl" 'ansible-core==2.19.4' 'resolvelib==1.2.1' 'cryptography==46.0.3' 
   'fabric==3.2.2' 'invoke==2.2.1' 'paramiko==4.0.0' 'bcrypt==5.0.0' 'pynacl==1.6.1' 'decorator==5.2.1' \
   'deprecated==1.3.1'
 
-dl "$dir/whl" fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection shortuuid pybase64 \
-   mmengine-lite addict yapf termcolor platformdirs fire pyzmq xgrammar 'apache-tvm-ffi==0.1.11' openai distro \
-   jiter sniffio openai-harmony partial-json-parser httpx2 httpcore2 truststore opentelemetry-api
+# The host profile's lmdeploy env at its pinned versions (profiles/host.yml), resolved for cp312, less what the
+# image already has (its package list: ../.library/device/KINDS.md; pip uses the image's copy).
+pins=$(python3 - <<'PY'
+import yaml
+env = yaml.safe_load(open("profiles/host.yml"))["python_env"]["envs"]["lmdeploy"]
+print(" ".join(p for p in env["packages"] if not p.startswith(("transformers", "psutil", "pillow", "requests"))))
+print(" ".join(p for p in env["no_deps_packages"] if not p.startswith("lmdeploy")))
+PY
+)
+all=$(mktemp -d)
+python3 -m pip download -q "${plat[@]}" -d "$all" $(echo "$pins" | head -1)
+dl "$dir/whl" $(echo "$pins" | tail -1)
+on_image=" anyio click h11 idna markdown_it_py mdurl numpy pygments pyyaml rich typing_extensions annotated_doc "
+for f in "$all"/*.whl; do
+  name=$(basename "$f" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
+  case "$on_image" in *" $name "*) ;; *) cp "$f" "$dir/whl/" ;; esac
+done
+rm -rf "$all"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 dl "$tmp" lmdeploy==0.18.0
