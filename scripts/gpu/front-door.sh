@@ -30,7 +30,7 @@ SETTINGS=${SETTINGS:---backend pytorch --max-batch-size 512 --cache-max-entry-co
 INV=$WORK/inventory.yml
 PHASES=${*:-sshd checkpoint provision serve bench down}
 [ "${1:-}" = __one ] && PHASES=""
-mkdir -p "$RES" "$WORK"
+[ "$DRY" = 1 ] || mkdir -p "$RES" "$WORK"
 PHASES_JSONL=$RES/phases.jsonl
 PHASE_LOG=$RES/
 # shellcheck source=phases.sh
@@ -171,7 +171,7 @@ if [ "${1:-}" = __one ]; then  # one phase, in its own process (so `timeout` can
 fi
 declare -A LIMITS=([sshd]=90 [checkpoint]=150 [provision]=300 [serve]=240 [bench]=420 [down]=60)
 for phase in $PHASES; do
-  [ -n "${LIMITS[$phase]:-}" ] || { echo "unknown phase $phase (${!LIMITS[*]})"; exit 2; }
+  [ -n "${LIMITS[$phase]:-}" ] || { echo "unknown phase $phase (${!LIMITS[*]})" >&2; exit 2; }
   log "phase $phase (limit ${LIMITS[$phase]} s)"
   if [ "$DRY" = 1 ]; then echo "+ limit ${LIMITS[$phase]} $0 __one $phase"; continue; fi
   t0=$SECONDS

@@ -58,3 +58,17 @@ def test_every_module_the_scripts_run_exists() -> None:
     assert {"llama3_ops.stages.finetune", "llama3_ops.stages.llava", "llama3_ops.lab.llava_checkpoint"} <= modules
     for mod in modules:
         assert importlib.util.find_spec(mod) is not None, mod
+
+
+def test_front_door_dry_run_lists_its_phases_with_limits(tmp_path: Path) -> None:
+    env = {**os.environ, "DRY": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    res = subprocess.run(["bash", str(GPU / "front-door.sh")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=False, env=env)
+    assert res.returncode == 0, res.stderr
+    phases = re.findall(r"phase (\w+) \(limit (\d+) s\)", res.stdout)
+    assert [p for p, _ in phases] == ["sshd", "checkpoint", "provision", "serve", "bench", "down"]
+    assert all(int(s) <= 420 for _, s in phases)  # each fits a 10-minute device call with the others split off
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists(), "a dry run writes nothing"
+    bad = subprocess.run(["bash", str(GPU / "front-door.sh"), "bogus"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=False, env=env)
+    assert bad.returncode == 2 and "unknown phase bogus" in bad.stderr
