@@ -71,7 +71,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 def _user_env(home: str, user: str) -> str:
     """A venv the throwaway user can run: the test venv's interpreter lives under /root (0700 here),
     so build one on /usr/bin/python3 (same minor version) that sees the test venv's site-packages."""
-    venv = Path(home) / "envs" / "serve"
+    venv = Path(home) / "miniforge3" / "envs" / "lmdeploy"  # where the course profile's conda env is
     site = next(Path(VENV_BIN).parent.glob("lib/python3.*/site-packages"))
     py = f"/usr/bin/python{site.parent.name.removeprefix('python')}"
     if not Path(py).exists():

@@ -155,11 +155,12 @@ def test_wrong_or_missing_model_and_small_gpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dry_run_against_real_lmdeploy_018(tmp_path: Path) -> None:
+    """No --env: a course-profile host's host.json names a conda env (~/miniforge3/envs/lmdeploy)."""
     py = Path(lmdeploy_python("0.18.0"))
-    remote, home, _ = _host(tmp_path, "LlavaForConditionalGeneration", bin_dir=py.parent)
+    remote, home, _ = _host(tmp_path, "LlavaForConditionalGeneration", bin_dir=py.parent, layout="conda")
     img = _png(tmp_path / "a.png", (336, 224))
-    d = llava.describe(remote, llava.LlavaConfig(image=str(img), cache_max_entry_count=0.3,
-                                                        env_bin_dir=str(py.parent)), dry_run=True)
+    d = llava.describe(remote, llava.LlavaConfig(image=str(img), cache_max_entry_count=0.3), dry_run=True)
+    assert f"{home}/miniforge3/envs/lmdeploy/bin/python " in d.command
     assert d.info["lmdeploy"] == "0.18.0" and d.info["image_size"] == [336, 224]
     assert d.info["image"].startswith(f"{home}/.cache/llama3-ops/llava/")
     assert "session_len=8192" in d.info["engine_config"] and "cache_max_entry_count=0.3" in d.info["engine_config"]
