@@ -101,6 +101,10 @@ def test_fab_serve_detached_status_and_down(provisioned: Provisioned, tmp_path: 
         assert "/docs" in up.stdout
         st = shell(printed["status"])
         assert st.returncode == 0 and "running" in st.stdout and "healthy" in st.stdout, st.stdout + st.stderr
+        nosuch = subprocess.run([*fab, "stop", "--service", "nosuch"], env=env, capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert nosuch.returncode == 1 and nosuch.stderr.strip().startswith(
+            f"error: no service 'nosuch' on {provisioned.name} (services there: llm)"), nosuch.stderr
     finally:
         down = shell(printed["down"])
     assert down.returncode == 0, down.stdout + down.stderr

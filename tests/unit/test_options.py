@@ -79,3 +79,19 @@ def test_the_llama3_ops_entry_point_runs_the_twins(capsys: pytest.CaptureFixture
     assert proc.returncode == 1 and proc.stderr.strip() == \
         "error: --image is required: a local image file or an http(s) URL"
     assert "Traceback" not in proc.stderr
+
+
+def test_fab_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
+    """What a user types, as they type it: an unknown host, a bad option value (exit 1, one line, the fix)."""
+    fab = [str(Path(sys.executable).parent / "fab"), "-r", str(ROOT)]
+    env = {**__import__("os").environ, "LLAMA3_INVENTORY": str(ROOT / "inventory" / "example.yml")}
+    for args, line in (
+        (["-H", "nosuchhost.invalid", "status"], "error: cannot resolve host 'nosuchhost.invalid': it is neither in "
+                                                  "your inventory"),
+        (["-H", "gpu1", "serve", "--engine", "vllm"], "error: --engine must be one of lmdeploy, transformers; got "
+                                                      "'vllm'"),
+    ):
+        proc = subprocess.run([*fab, *args], capture_output=True, text=True, timeout=120, check=False, env=env,
+                              cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().startswith(line) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
