@@ -146,8 +146,8 @@ def _nothing_left(remote: transport.SSHRemote, p: Provisioned, port: int = 8501)
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("merged", f"model 'merged' ({MODEL_DIR.rsplit('/', 1)[0]}/llama3_hf_merged) does not exist on "
-                   "{label}: run the fine-tune stage first (fab finetune): its last step merges into that path"),
+        ("merged", f"model directory {MODEL_DIR.rsplit('/', 1)[0]}/llama3_hf_merged does not exist on {{label}}; "
+                   "it is made by the fine-tune stage (fab finetune merges into it): run that first"),
         ("/home/student/model/nope", "model directory /home/student/model/nope does not exist on {label}"),
     ],
 )

@@ -69,6 +69,9 @@ def aiperf_command(
         "--prompt-output-tokens-mean", str(output_len), "--prompt-output-tokens-stddev", "0",
         "--tokenizer", str(tokenizer_dir), "--artifact-dir", str(artifact_dir), "--ui-type", "none",
         "--use-server-token-count",
+        # Neither is measured here, and each is an optional AIPerf service: on a loaded 2-core machine one
+        # missed its heartbeats, AIPerf dropped it and then failed the run for the missing share (CI, 2026-12-04).
+        "--no-server-metrics", "--no-gpu-telemetry",
     ]  # fmt: skip
     # The same sampling as our client sends: without it the server uses the model's generation_config
     # (Llama 3 Instruct: temperature 0.6, top-p 0.9), and a top-p sort over 128k logits per token made
