@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         from llama3_ops.stages import webdemo as webdemo_stage
 
         rc = webdemo_stage.webdemo(remote, webdemo_stage.StreamlitConfig(model="base"), detach=True,
-                                   host=target.host, console=console)
+                                   host=target.name or target.host, console=console)
         if rc != 0:
             raise SystemExit(f"the web demo did not start (exit {rc})")
         console.rule(f"demo finished in {time.monotonic() - t_start:.0f}s")
