@@ -28,7 +28,7 @@ import json
 import shlex
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Literal
 
@@ -466,3 +466,19 @@ printf '=== llama3-ops stop %s\\n' "$(date -Is)" >> "$L/$N.log" 2>/dev/null || t
                 st.log_tail,
             )
     return st
+
+
+@contextlib.contextmanager
+def stopped_on_failure(remote: Remote, name: str, started_now: bool,
+                       on_cleanup_error: Callable[[ServiceError], None]) -> Iterator[None]:
+    """Around a start-up wait: if it fails (or is interrupted) and this call started the service, stop it
+    (no process, no listener left), then re-raise; a failed stop goes to ``on_cleanup_error``."""
+    try:
+        yield
+    except BaseException:
+        if started_now:
+            try:
+                stop(remote, name)
+            except ServiceError as stop_exc:
+                on_cleanup_error(stop_exc)
+        raise

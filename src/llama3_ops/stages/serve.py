@@ -229,7 +229,8 @@ def serve(
     ready = None
     if wait:
         probe = health.RemoteHttpProbe(remote, cfg.port, cfg.api_key)
-        try:
+        with services.stopped_on_failure(remote, cfg.name, started_now, lambda e: console.print(
+                f"cleanup after failed start-up also failed: {e}", style="red", markup=False)):
             ready = health.wait_ready(
                 probe,
                 timeout=timeout,
@@ -237,13 +238,6 @@ def serve(
                 console=console,
                 interval=1.0,
             )
-        except BaseException:
-            if started_now:
-                try:
-                    services.stop(remote, cfg.name)
-                except services.ServiceError as stop_exc:
-                    console.print(f"[red]cleanup after failed start-up also failed:[/] {stop_exc}")
-            raise
         console.print(
             f"[green]ready[/] after {ready.seconds:.1f}s: model {ready.model_id!r} "
             f"(health via {ready.health_path})"

@@ -332,15 +332,9 @@ def start_app(
         f"{'started' if started_now else 'already running with the same settings, reused'}: "
         f"pid {st.pid} ({st.mode}), log {st.log_path}"
     )
-    try:
+    with services.stopped_on_failure(remote, app.name, started_now, lambda e: console.print(
+            f"cleanup after the failed start also failed: {e}", style="red", markup=False)):
         seconds = wait_healthy(remote, app.name, cfg.port, timeout, console)
-    except BaseException:
-        if started_now:
-            try:
-                services.stop(remote, app.name)
-            except services.ServiceError as stop_exc:
-                console.print(f"[red]cleanup after the failed start also failed:[/] {stop_exc}")
-        raise
     console.print(f"[green]healthy[/] after {seconds:.1f}s")
     return AppResult(st, started_now, spec.display(), seconds)
 
