@@ -292,3 +292,33 @@ def test_zz_killed_server_reported_dead_then_restarted(ssh_target: SSHHost, serv
     res = serve.serve(ssh_target.remote, served.cfg, timeout=240)
     assert res.started_now and res.ready is not None
     assert services.status(ssh_target.remote, "llm").running
+
+
+@pytest.mark.parametrize("ready", ["", "[green]web demo[/]: open {url}  (Ctrl-C closes the tunnel)"])
+def test_foreground_tunnel_says_its_url_and_closes_on_ctrl_c(ssh_target: SSHHost, served: Served, ready: str) -> None:
+    """fab serve and fab webdemo without --detach: tunnel.run_foreground, the line that says the URL, Ctrl-C."""
+    import json
+    import signal
+
+    code = ("import json, sys\nfrom llama3_ops.remote import tunnel\n"
+            "from llama3_ops.remote.connection import SSHTarget\n"
+            "d = json.loads(sys.argv[1])\n"
+            "spec = tunnel.TunnelSpec(target=SSHTarget.from_dict(d['t']), remote_port=d['rp'], local_port=d['lp'])\n"
+            "sys.exit(tunnel.run_foreground(spec, ready=d['ready']))\n")
+    port = find_free_port(27600 + os.getpid() % 100)
+    arg = json.dumps({"t": ssh_target.target.to_dict(), "rp": served.cfg.port, "lp": port, "ready": ready})
+    proc = subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "COLUMNS": "300"})
+    try:
+        deadline = time.monotonic() + 60
+        while not port_accepts(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert chat_client.list_models(f"http://127.0.0.1:{port}") == [served.model_id]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    said = f"web demo: open http://127.0.0.1:{port}" if ready else f"tunnel up: http://127.0.0.1:{port}/v1 ->"
+    assert said in out and "tunnel closed" in out and "{url}" not in out, out
+    assert not port_accepts(port)

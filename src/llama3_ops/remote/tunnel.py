@@ -476,17 +476,16 @@ def make_tunnel(spec: TunnelSpec, on_event: EventSink | None = None) -> Tunnel:
 # --------------------------------------------------------------------------- foreground
 
 
-def run_foreground(spec: TunnelSpec, console: Any = None) -> int:
-    """Hold the tunnel until Ctrl-C, printing events. Returns 0, or 1 when it gave up."""
+def run_foreground(spec: TunnelSpec, console: Any = None, ready: str = "") -> int:
+    """Hold the tunnel until Ctrl-C, printing events; ``ready`` (``{url}`` is the tunnel's URL) is the line
+    said once it is up. Returns 0, or 1 when it gave up."""
     from rich.console import Console
 
     con = console or Console(stderr=True)
     tun = make_tunnel(spec, on_event=lambda m: con.print(f"[yellow]tunnel:[/] {m}"))
     tun.start()
-    con.print(
-        f"[green]tunnel up[/]: {tun.url}/v1 -> {spec.target.label} {spec.remote_host}:{spec.remote_port}; "
-        "Ctrl-C to close"
-    )
+    con.print((ready or "[green]tunnel up[/]: {url}/v1 -> " + f"{spec.target.label} {spec.remote_host}:"
+               f"{spec.remote_port}; Ctrl-C to close").replace("{url}", tun.url))
     try:
         while tun.fatal is None:
             time.sleep(0.5)

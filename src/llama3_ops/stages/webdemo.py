@@ -373,20 +373,8 @@ def open_tunnel(
         console.print(f"[green]{title}[/]: open {state.url}  (stop: fab -H {host} stop --service {spec.name}; "
                       f"fab -H {host} down)")
         return 0
-    tun = tunnel.make_tunnel(spec, on_event=lambda m: console.print(f"[yellow]tunnel:[/] {m}"))
-    tun.start()
-    console.print(f"[green]{title}[/]: open {tun.url}  (Ctrl-C closes the tunnel; the app keeps running: "
-                  f"fab -H {host} stop --service {spec.name})")
-    try:
-        while tun.fatal is None:
-            time.sleep(0.5)
-        console.print(f"[red]tunnel failed:[/] {tun.fatal}")
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        tun.stop()
-        console.print("tunnel closed")
+    return tunnel.run_foreground(spec, console, ready=f"[green]{title}[/]: open {{url}}  (Ctrl-C closes the tunnel; "
+                                 f"the app keeps running: fab -H {host} stop --service {spec.name})")
 
 
 def run_stage(
