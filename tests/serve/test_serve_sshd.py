@@ -272,28 +272,6 @@ def test_server_dying_at_startup_leaves_nothing_behind(ssh_target: SSHHost) -> N
     assert not services.status(ssh_target.remote, "bogus").running
 
 
-def test_zz_killed_server_reported_dead_then_restarted(ssh_target: SSHHost, served: Served) -> None:
-    """Runs last in this module (it restarts the shared server)."""
-    port = served.cfg.port
-    ssh_target.root(
-        f"for p in $(ss -ltnpH 'sport = :{port}' | grep -o 'pid=[0-9]*' | cut -d= -f2); "
-        "do kill -KILL $p; done"
-    )
-    deadline = time.monotonic() + 20
-    st = services.status(ssh_target.remote, "llm", log_lines=10)
-    while st.running and time.monotonic() < deadline:
-        time.sleep(0.3)
-        st = services.status(ssh_target.remote, "llm", log_lines=10)
-    assert st.state == "dead"
-    assert st.exit_status == "137"  # 128 + SIGKILL, written by the wrapper
-    assert st.log_tail and any("Uvicorn running" in line or "HTTP" in line for line in st.log_tail), (
-        st.log_tail
-    )
-    res = serve.serve(ssh_target.remote, served.cfg, timeout=240)
-    assert res.started_now and res.ready is not None
-    assert services.status(ssh_target.remote, "llm").running
-
-
 @pytest.mark.parametrize("ready", ["", "[green]web demo[/]: open {url}  (Ctrl-C closes the tunnel)"])
 def test_foreground_tunnel_says_its_url_and_closes_on_ctrl_c(ssh_target: SSHHost, served: Served, ready: str) -> None:
     """fab serve and fab webdemo without --detach: tunnel.run_foreground, the line that says the URL, Ctrl-C."""
@@ -322,3 +300,25 @@ def test_foreground_tunnel_says_its_url_and_closes_on_ctrl_c(ssh_target: SSHHost
     said = f"web demo: open http://127.0.0.1:{port}" if ready else f"tunnel up: http://127.0.0.1:{port}/v1 ->"
     assert said in out and "tunnel closed" in out and "{url}" not in out, out
     assert not port_accepts(port)
+
+
+def test_zz_killed_server_reported_dead_then_restarted(ssh_target: SSHHost, served: Served) -> None:
+    """Runs last in this module (it restarts the shared server)."""
+    port = served.cfg.port
+    ssh_target.root(
+        f"for p in $(ss -ltnpH 'sport = :{port}' | grep -o 'pid=[0-9]*' | cut -d= -f2); "
+        "do kill -KILL $p; done"
+    )
+    deadline = time.monotonic() + 20
+    st = services.status(ssh_target.remote, "llm", log_lines=10)
+    while st.running and time.monotonic() < deadline:
+        time.sleep(0.3)
+        st = services.status(ssh_target.remote, "llm", log_lines=10)
+    assert st.state == "dead"
+    assert st.exit_status == "137"  # 128 + SIGKILL, written by the wrapper
+    assert st.log_tail and any("Uvicorn running" in line or "HTTP" in line for line in st.log_tail), (
+        st.log_tail
+    )
+    res = serve.serve(ssh_target.remote, served.cfg, timeout=240)
+    assert res.started_now and res.ready is not None
+    assert services.status(ssh_target.remote, "llm").running

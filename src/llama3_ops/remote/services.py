@@ -177,9 +177,9 @@ st_one() {
   mode=$(cat "$R/$N.mode" 2>/dev/null || echo setsid); echo "mode=$mode"
   echo "fp=$(cat "$R/$N.fp" 2>/dev/null)"
   echo "meta=$(cat "$R/$N.json" 2>/dev/null | tr -d '\n')"
-  echo "exit=$(cat "$R/$N.exit" 2>/dev/null)"
   pid=""; alive=0
   if [ "$mode" = systemd ]; then
+    echo "exit=$(cat "$R/$N.exit" 2>/dev/null)"
     act=$(systemctl --user show -p ActiveState --value "llama3-$N.service" 2>/dev/null)
     pid=$(systemctl --user show -p MainPID --value "llama3-$N.service" 2>/dev/null)
     [ "$act" = active ] || [ "$act" = activating ] || [ "$act" = reloading ] && alive=1
@@ -188,6 +188,9 @@ st_one() {
   else
     pid=$(cat "$R/$N.pid" 2>/dev/null)
     [ -n "$pid" ] && grp_alive "$pid" && alive=1
+    # read after the liveness check: the wrapper writes its exit file just before its group is gone,
+    # so a read before the check could miss it and report a dead service with no exit status
+    echo "exit=$(cat "$R/$N.exit" 2>/dev/null)"
   fi
   echo "pid=$pid"; echo "alive=$alive"
   port=$(sed -n 's/.*"port": *\([0-9][0-9]*\).*/\1/p' "$R/$N.json" 2>/dev/null)
