@@ -84,7 +84,7 @@ LMDEPLOY_ENVS = {
     "0.4.1": ["transformers==4.40.2", "numpy<2", "safetensors", "accelerate", "sentencepiece", "pillow", "requests",
               "fire", "mmengine-lite", "pydantic", "einops"],
     "0.18.0": ["transformers==5.17.0", "safetensors", "accelerate", "pillow", "requests", "fire", "mmengine-lite",
-               "pybase64"],
+               "pybase64", "shortuuid"],  # shortuuid: `lmdeploy serve api_server`'s parser imports it
 }
 
 

@@ -9,9 +9,13 @@
 #   checkpoint  the Llama-3-8B-shaped checkpoint (real config and tokenizer, random bf16 weights) + manifest
 #   provision   ansible-playbook -i INV site.yml twice (profile host, offline, the model from that
 #               checkpoint as a verified symlink source); the second run must report changed=0
-#   serve       fab -H gpu serve --detach (time to ready), fab -H gpu status, one question via fab client
+#   serve       fab -H gpu serve --detach (time to ready; its settings from the GPU table, warmed before
+#               "ready"), fab -H gpu status, one question via fab client
 #   bench       warm-up, then nox's bench (python -m llama3_ops.bench online) through the tunnel and direct,
 #               alternating, at concurrency 256 and 512
+#   warmbench   right after serve: the bench through the tunnel with no warm-up of its own, twice at
+#               concurrency 512 (is fab serve's warm-up enough: the first run within 3% of the second?),
+#               then once with the bench's default warm-up
 #   down        fab -H gpu down; nothing may be left listening on 23333
 #
 # Every phase has a time limit; each one's console log, the recaps and the bench JSONs go to $WORK/fd,
@@ -26,7 +30,9 @@ PORT=2222
 S=/opt/sshd-root
 MODEL_SRC=${MODEL_SRC:-/root/model-src/Meta-Llama-3-8B-Instruct}
 WORKLOAD=gpu/sharegpt-2000-seed0.json
-SETTINGS=${SETTINGS:---backend pytorch --max-batch-size 512 --cache-max-entry-count 0.9}
+# the PyTorch engine (TurboMind's build is CUDA 12; the image has CUDA 13); no tuning flag: fab serve's own
+SETTINGS=${SETTINGS:---backend pytorch}
+PROVISION_RUNS=${PROVISION_RUNS:-1 2}  # "1": one site.yml run (a second, changed=0, was shown on 2026-12-04)
 INV=$WORK/inventory.yml
 PHASES=${*:-sshd checkpoint provision serve bench down}
 [ "${1:-}" = __one ] && PHASES=""
@@ -116,19 +122,23 @@ PY
 provision() {
   write_inventory || return
   local i
-  for i in 1 2; do
+  for i in $PROVISION_RUNS; do
     ansible-playbook -i "$INV" site.yml 2>&1 | tee "$RES/site-run$i.log" | grep -E "^(PLAY RECAP|gpu |fatal|TASK \[llama3_preflight : Report)" -A1
     grep -E "^gpu " "$RES/site-run$i.log" | tail -1 > "$RES/recap-run$i.txt"
     grep -q "failed=0" "$RES/recap-run$i.txt" || { echo "site.yml run $i failed"; return 1; }
   done
-  grep -q "changed=0" "$RES/recap-run2.txt" || { echo "the second run changed something: not idempotent"; return 1; }
+  if [ -f "$RES/recap-run2.txt" ]; then
+    grep -q "changed=0" "$RES/recap-run2.txt" || { echo "the second run changed something: not idempotent"; return 1; }
+  fi
   ssh -p $PORT root@127.0.0.1 -o UserKnownHostsFile=$S/known_hosts cat llama3-course/host.json > "$RES/host.json"
 }
 
 serve() {
   local t0=$SECONDS
-  "${FAB[@]}" serve $SETTINGS --detach --local-port 23334 || return
+  "${FAB[@]}" serve $SETTINGS --detach --local-port 23334 2>&1 | tee "$RES/fab-serve.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || return 1
   echo "{\"fab_serve_ready_s\": $((SECONDS - t0))}" > "$RES/serve-ready.json"
+  cp /root/.local/state/llama3-ops/run/llm.json "$RES/llm-service.json"
   "${FAB[@]}" status
   printf 'Who are you?\n/exit\n' | "${FAB[@]}" client
 }
@@ -138,8 +148,7 @@ bench() {
   id=$("$PY" -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
   sampler=$(gpu_sampler "$RES/gpu-bench.csv")
   common=(--model "$id" --dataset "workload:$WORKLOAD" --profile host --no-progress --engine lmdeploy
-          --backend pytorch --engine-version 0.18.0 --engine-setting max_batch_size=512
-          --engine-setting cache_max_entry_count=0.9)
+          --backend pytorch --engine-version 0.18.0 $(served_settings))
   # warm-up: the first run after a start is 12-15% slow (kernels still compiling)
   "$PY" -m llama3_ops.bench online --base-url http://127.0.0.1:23334 "${common[@]}" --num-prompts 512 \
     --concurrency 256 --out "$WORK/warmup" > "$RES/bench-warmup.log" 2>&1
@@ -152,6 +161,36 @@ bench() {
   done
   kill "$sampler" 2>/dev/null
   cp /root/.local/state/llama3-ops/logs/llm.log "$RES/server.log" 2>/dev/null
+}
+
+served_settings() {  # --engine-setting K=V for each setting fab serve chose (its service record on the host)
+  "$PY" - <<'PY'
+import json
+s = json.load(open("/root/.local/state/llama3-ops/run/llm.json"))["settings"]
+for k in ("max_batch_size", "cache_max_entry_count", "quant_policy", "max_prefill_token_num", "tp"):
+    if s.get(k) not in (None, "None"):
+        print(f"--engine-setting {k}={s[k]}")
+PY
+}
+
+warmbench() {
+  local id sampler i
+  id=$("$PY" -c "import json,urllib.request;print(json.load(urllib.request.urlopen('http://127.0.0.1:23333/v1/models'))['data'][0]['id'])")
+  sampler=$(gpu_sampler "$RES/gpu-warmbench.csv")
+  # shellcheck disable=SC2207
+  common=(--model "$id" --dataset "workload:$WORKLOAD" --profile host --no-progress --engine lmdeploy
+          --backend pytorch --engine-version 0.18.0 $(served_settings) --num-prompts 2000 --concurrency 512)
+  for i in 1 2; do
+    "$PY" -m llama3_ops.bench online --base-url http://127.0.0.1:23334 "${common[@]}" --warmup 0 \
+      --engine-setting served_warmup=fab-serve --out "$RES/warmbench-run$i" 2>&1 \
+      | tee -a "$RES/warmbench.log" | grep -E "RPS|rps|status" | tail -3
+  done
+  "$PY" -m llama3_ops.bench online --base-url http://127.0.0.1:23334 "${common[@]}" \
+    --engine-setting served_warmup=fab-serve --out "$RES/warmbench-run3-bench-warmup" 2>&1 \
+    | tee -a "$RES/warmbench.log" | grep -E "RPS|rps|status" | tail -3
+  kill "$sampler" 2>/dev/null
+  cp /root/.local/state/llama3-ops/logs/llm.log "$RES/server.log" 2>/dev/null
+  return 0
 }
 
 down() {
@@ -169,7 +208,7 @@ if [ "${1:-}" = __one ]; then  # one phase, in its own process (so `timeout` can
   "$2"
   exit $?
 fi
-declare -A LIMITS=([sshd]=90 [checkpoint]=150 [provision]=300 [serve]=240 [bench]=420 [down]=60)
+declare -A LIMITS=([sshd]=90 [checkpoint]=150 [provision]=300 [serve]=240 [bench]=420 [warmbench]=240 [down]=60)
 for phase in $PHASES; do
   [ -n "${LIMITS[$phase]:-}" ] || { echo "unknown phase $phase (${!LIMITS[*]})" >&2; exit 2; }
   log "phase $phase (limit ${LIMITS[$phase]} s)"

@@ -25,8 +25,34 @@ HTTP_500 = f"HTTP 500: {json.dumps(FAILURE_BODY)}"
 
 
 def _online(base: str, out: Path, *extra: str) -> list[str]:
+    # --warmup 0: the failure counts below are the measured requests' own (test_warmup_... covers the default)
     return ["online", "--base-url", base, "--model", "standin", "--dataset", "synthetic:8:4", "--num-prompts",
-            "9", "--concurrency", "2", "--out", str(out), "--no-progress", *extra]  # fmt: skip
+            "9", "--concurrency", "2", "--out", str(out), "--no-progress", "--warmup", "0", *extra]  # fmt: skip
+
+
+def test_warmup_requests_are_sent_first_recorded_and_not_counted(tmp_path: Path) -> None:
+    with standin_process(tokens_per_s=400.0) as base:
+        argv = [a for a in _online(base, tmp_path / "w") if a not in ("--warmup", "0")]
+        assert main([*argv, "--warmup", "5"]) == 0
+        with urllib.request.urlopen(base + "/stats", timeout=10) as resp:
+            stats = json.loads(resp.read())
+        point = json.loads((tmp_path / "w" / "online-c0002.json").read_text())
+        assert main(argv) == 0  # the default: one wave at the point's concurrency
+    assert point["warm"] is True and point["warmup"]["requests"] == 5 and point["warmup"]["failed"] == 0
+    assert point["metrics"]["successful"] == 9  # the 5 warm-up requests are not in the figures
+    assert stats["requests"] == 1 + 5 + 9  # the ignore_eos probe, the warm-up, the run
+    default = json.loads((tmp_path / "w" / "online-c0002.json").read_text())
+    assert default["warmup"]["requests"] == 2
+    cold = tmp_path / "cold"
+    with standin_process(tokens_per_s=400.0) as base:
+        assert main(_online(base, cold)) == 0
+    assert json.loads((cold / "online-c0002.json").read_text())["warm"] is False
+
+
+def test_a_bad_warmup_count_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["online", "--base-url", "http://127.0.0.1:9", "--model", "m", "--warmup", "-2"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--warmup must be -1" in err and len(err.splitlines()) == 1
 
 
 def test_failed_requests_make_a_run_fail_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

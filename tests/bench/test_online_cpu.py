@@ -124,6 +124,7 @@ def test_online_bench_against_transformers_serve(tserve: str, tiny_model: Path, 
         assert (m["successful"], m["failed"]) == (8, 0)
         assert d["concurrency"]["achieved_max"] == c
         assert d["settings"]["max_output_len"] == 6
+        assert d["warm"] is True and d["warmup"]["requests"] == c  # the default: one wave, not counted
         assert d["engine"]["settings"] == {"tp": "1"} and d["settings_key"].endswith("|tp=1")
         assert d["dataset"]["complete_records"] == 17_671 and d["dataset"]["sampled"] == 8
         # transformers serve rejects ignore_eos; the probe notices and says so in the record.

@@ -63,6 +63,10 @@ def served(ssh_target: SSHHost) -> Iterator[Served]:
     )
     res = serve.serve(ssh_target.remote, cfg, timeout=240)
     assert res.started_now and res.ready is not None
+    # warmed on the host before "ready" (transformers serve: one request), through the shared connection
+    assert res.warmup is not None and res.warmup.waves == [{"ok": 1, "failed": 0, "seconds": pytest.approx(
+        res.warmup.waves[0]["seconds"])}]
+    assert res.tuning is None  # the CPU engine has no engine settings to choose
     yield Served(cfg, res, res.ready.model_id)
     st = services.stop(ssh_target.remote, "llm")
     assert not st.running

@@ -1,7 +1,8 @@
 """Test support for the chat / quantize / LLaVA stages (lmdeploy and nvidia-smi are GPU-host binaries).
 
 * :func:`fake_env`: a bin directory laid out like the host's lmdeploy env (``python``, ``lmdeploy``,
-  ``nvidia-smi``) where ``lmdeploy`` speaks ``lmdeploy chat``'s terminal protocol (the prompt
+  ``nvidia-smi``) where ``lmdeploy serve api_server`` records its argv and becomes the stand-in server
+  (:mod:`llama3_ops.lab.standin`), and ``lmdeploy chat`` speaks its terminal protocol (the prompt
   ``double enter to end input >>>``, a message ends with an empty line, ``exit`` quits, Ctrl-C
   quits) and ``nvidia-smi`` answers ``--query-gpu=... --format=csv,noheader,nounits [-lms N]`` in
   the driver's own format from a JSON state file (the values below are real readings: the device
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +80,14 @@ def bump(delta):
         json.dump(st, fh)
     os.replace(tmp, state_path)
 argv = sys.argv[1:]
+if argv[:2] == ["serve", "api_server"]:  # record the command line, then become the stand-in server
+    with open(os.path.join(here, "api_server-argv.json"), "w") as fh:
+        json.dump(argv, fh)
+    opt = lambda flag: argv[argv.index(flag) + 1]
+    os.execv(STANDIN_PY, [STANDIN_PY, "-m", "llama3_ops.lab.standin", "--host", opt("--server-name"),
+                          "--port", opt("--server-port"), "--tokens-per-s", "2000"])
 if argv[:1] != ["chat"]:
-    print("fake lmdeploy: only `chat` is implemented", file=sys.stderr); sys.exit(2)
+    print("fake lmdeploy: only `chat` and `serve api_server` are implemented", file=sys.stderr); sys.exit(2)
 print("fake-lmdeploy argv=" + json.dumps(argv), flush=True)
 print("fake-lmdeploy tty=%s" % sys.stdin.isatty(), flush=True)
 bump(ENGINE_MIB)
@@ -101,7 +109,7 @@ except KeyboardInterrupt:
 finally:
     bump(-ENGINE_MIB)
 sys.exit(rc)
-'''.replace("ENGINE_MIB", str(ENGINE_MIB))
+'''.replace("ENGINE_MIB", str(ENGINE_MIB)).replace("STANDIN_PY", repr(sys.executable))
 
 
 def write_gpus(state: Path, gpus: list[dict[str, object]] | None = None, fail: dict[str, object] | None = None) -> None:
@@ -174,6 +182,8 @@ CLI.add_parsers()
 if "chat" not in CLI.subparsers.choices:  # 0.4.1 adds chat in its entry point
     CLI.add_parser_chat()
 SubCliLite.add_parsers()
+from lmdeploy.cli.serve import SubCliServe  # `lmdeploy serve api_server|proxy`
+SubCliServe.add_parsers()
 out = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()

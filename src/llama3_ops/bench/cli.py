@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     on.add_argument(
         "--tp", type=int, default=None, help="the server's tensor-parallel degree (fab serve --tp N), recorded"
     )
+    on.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="requests from the workload sent at each point's concurrency before it is measured, not counted "
+        "(default -1: as many as the concurrency, one full wave; 0: none); recorded in the JSON",
+    )
     _common(on)
 
     off = sub.add_parser("offline", help="lmdeploy in-process pipeline (as profile_throughput.py)")
@@ -295,6 +303,8 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
 
     conc = parse_concurrency(args.concurrency)
     _check_max_failures(args)
+    if args.warmup < -1:
+        raise BenchError(f"--warmup must be -1 (one wave at each concurrency), 0 (none) or a count, got {args.warmup}")
     u = urlparse(args.base_url)
     if u.scheme not in ("http", "https") or not u.netloc:
         raise BenchError(f"--base-url must be http(s)://host:port, got {args.base_url!r}")
@@ -330,6 +340,7 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
     prov = report.provenance()
     runs = []
     for c in conc:
+        warm = _warm_up(wl.requests, c, args.warmup, cfg, console)
         cpu0 = time.process_time()
         lr = asyncio.run(run_load(wl.requests, c, cfg))
         m = aggregate(lr.results, lr.wall_s)
@@ -359,9 +370,32 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
                 concurrency=c,
                 per_request=[r.to_compact() for r in lr.results],
                 prov=prov,
+                extra={"warmup": warm, "warm": warm["requests"] > 0},
             )
         )
     return _finish(runs, out, args, console)
+
+
+def _warm_up(requests: Sequence[Any], concurrency: int, n: int, cfg: Any, console: Console) -> dict[str, Any]:
+    """Send ``n`` requests (-1: ``concurrency``) of the workload, cycled, at ``concurrency``; not measured.
+
+    The first load after a server starts runs slow (12-15% on the H200: kernels still compile), so a
+    point measured cold understates the server. What the warm-up did is recorded beside the point.
+    """
+    from dataclasses import replace
+
+    from llama3_ops.bench.client import run_load
+
+    count = concurrency if n == -1 else n
+    if count == 0:
+        return {"requests": 0, "failed": 0, "wall_s": 0.0}
+    reqs = [requests[i % len(requests)] for i in range(count)]
+    report.say(console, f"c={concurrency}: warm-up, {count} requests (not counted)")
+    lr = asyncio.run(run_load(reqs, concurrency, replace(cfg, progress=False)))
+    failed = sum(1 for r in lr.results if not r.success)
+    if failed:
+        report.say(console, f"warning: {failed} of {count} warm-up requests failed", "yellow")
+    return {"requests": count, "failed": failed, "wall_s": round(lr.wall_s, 3)}
 
 
 def _json_values(items: dict[str, Any]) -> dict[str, Any]:

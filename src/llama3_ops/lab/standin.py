@@ -7,7 +7,7 @@ final chunk carries ``usage`` when the request asks for it (``stream_options.inc
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (streaming or not), ``GET /stats`` (requests, in flight, max in
-flight since start or last reset), ``POST /stats/reset``.
+flight since start or last reset, requests by ``max_tokens`` since start), ``POST /stats/reset``.
 
 ``--fail-every N`` answers every Nth completion request (the Nth, 2Nth, ... since start) with HTTP
 500 and :data:`FAILURE_BODY`, for testing how a client reports failed requests.
@@ -30,7 +30,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +60,7 @@ class _Stats:
     max_in_flight: int = 0
     completions: int = 0  # since start (not reset): what --fail-every counts
     failed: int = 0
+    max_tokens: dict[int, int] = field(default_factory=dict)  # max_tokens asked -> requests (since start)
 
 
 def _chunk(kind: str, model: str, rid: str, text: str | None, finish: str | None) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def make_app(cfg: StandinConfig) -> web.Application:
     async def get_stats(_: web.Request) -> web.Response:
         return web.json_response(
             {"requests": stats.requests, "in_flight": stats.in_flight, "max_in_flight": stats.max_in_flight,
-             "failed": stats.failed}
+             "failed": stats.failed, "max_tokens": {str(k): v for k, v in sorted(stats.max_tokens.items())}}
         )
 
     async def reset_stats(_: web.Request) -> web.Response:
@@ -102,6 +103,7 @@ def make_app(cfg: StandinConfig) -> web.Application:
             stats.failed += 1
             return web.json_response(FAILURE_BODY, status=500)
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
+        stats.max_tokens[n] = stats.max_tokens.get(n, 0) + 1
         if kind == "chat":
             prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         else:

@@ -135,6 +135,7 @@ class ServiceStatus:
     listening: bool = False
     command: str = ""
     started: str = ""
+    settings: dict[str, str] = field(default_factory=dict)  # what the caller chose (ServiceSpec.settings)
     log_path: str = ""
     log_tail: list[str] = field(default_factory=list)
 
@@ -217,6 +218,7 @@ def _set_meta(st: ServiceStatus, val: str) -> None:
         st.command = str(meta.get("command", ""))
         st.port = meta.get("port")
         st.started = str(meta.get("started", ""))
+        st.settings = {str(k): str(v) for k, v in (meta.get("settings") or {}).items()}
 
 
 # key=value lines of the status script -> what they set on the ServiceStatus being read
@@ -373,6 +375,7 @@ def start(
             "fingerprint": fp,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "cwd": spec.cwd,
+            "settings": dict(spec.settings),
         }
     )
     n = spec.name

@@ -13,7 +13,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +25,14 @@ from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import DEFAULT_PORT
 from llama3_ops.remote.services import Arg, Secret, ServiceSpec, ServiceStatus
 from llama3_ops.remote.transport import Remote
-from llama3_ops.stages import gpu
+from llama3_ops.stages import gpu, tuning, warmup
 from llama3_ops.stages.host import Host, read_host
 from llama3_ops.stages.options import Opt, add_to
 
 API_KEY_ENV = "LLAMA3_OPS_API_KEY"
 ENGINE_ENV = "lmdeploy"  # host.json's env that holds the engine (lmdeploy, or transformers on the cpu profile)
 SERVICE_NAME = "llm"
+_TABLE = "(default: for the GPU, from llama3_ops/data/engine_settings.yml)"
 
 # fab serve and `python -m llama3_ops.stages.serve up` take these (llama3_ops.stages.options).
 OPTIONS: tuple[Opt, ...] = (
@@ -40,14 +41,18 @@ OPTIONS: tuple[Opt, ...] = (
         choices=("lmdeploy", "transformers")),
     Opt("backend", "turbomind", "lmdeploy's engine", choices=("turbomind", "pytorch")),
     Opt("tp", 1, "GPUs for tensor parallelism (a power of two)"),
-    Opt("cache_max_entry_count", 0.5, "the KV cache's share of free GPU memory"),
-    Opt("quant_policy", 0, "KV cache quantization: 0 none, 4 int4, 8 int8, 16 fp8", choices=(0, 4, 8, 16)),
-    Opt("max_batch_size", 64, "requests the engine batches at most"),
+    Opt("cache_max_entry_count", None, f"the KV cache's share of free GPU memory {_TABLE}", kind=float),
+    Opt("quant_policy", None, f"KV cache quantization: 0 none, 4 int4, 8 int8, 16 fp8 {_TABLE}", kind=int,
+        choices=(0, 4, 8, 16)),
+    Opt("max_batch_size", None, f"requests the engine batches at most {_TABLE}", kind=int),
+    Opt("max_prefill_token_num", None, f"tokens per prefill step {_TABLE}", kind=int),
     Opt("session_len", 8192, "tokens per session (prompt and answer)"),
     Opt("port", DEFAULT_PORT, "the server's port on the host's 127.0.0.1"),
     Opt("expose", False, f"bind 0.0.0.0 instead of 127.0.0.1: needs an API key in ${API_KEY_ENV}"),
     Opt("env", None, "bin directory of the env with the engine (default: host.json's lmdeploy env)"),
     Opt("restart", False, "replace a server that runs with other settings"),
+    Opt("warmup", True, "before saying ready, send waves of requests at the max batch size so the engine "
+        "compiles its kernels (--no-warmup: ready at the first token)"),
 )
 
 
@@ -66,9 +71,13 @@ class ServeConfig:
     # lmdeploy
     backend: Literal["turbomind", "pytorch"] = "turbomind"
     tp: int = 1
-    cache_max_entry_count: float = 0.5
-    quant_policy: Literal[0, 4, 8, 16] = 0  # 16: fp8 KV cache (lmdeploy >= 0.10 PyTorch engine)
-    max_batch_size: int = 64
+    # None: chosen for the GPU by serve() (llama3_ops.stages.tuning); a value is a flag that wins
+    cache_max_entry_count: float | None = None
+    quant_policy: int | None = None  # 16: fp8 KV cache (lmdeploy >= 0.10 PyTorch engine)
+    max_batch_size: int | None = None
+    max_prefill_token_num: int | None = None
+    tuning_source: str = ""  # where the settings came from (table row, rule, flags), once resolved
+    warmup: bool = True  # warm the engine before "ready" (llama3_ops.stages.warmup)
     session_len: int = 8192
     model_format: str | None = None  # None: awq for the 4bit model, hf otherwise
     log_level: str | None = "ERROR"
@@ -95,17 +104,23 @@ class ServeConfig:
             raise ServeConfigError(f"unknown engine {self.engine!r} (lmdeploy|transformers)")
         if not 0 < self.port < 65536:
             raise ServeConfigError(f"bad port {self.port}")
-        if self.quant_policy not in (0, 4, 8, 16):
+        if self.quant_policy not in (None, 0, 4, 8, 16):
             raise ServeConfigError("quant_policy must be 0, 4 (int4 KV), 8 (int8 KV) or 16 (fp8 KV)")
+        if self.quant_policy == 16 and self.backend == "turbomind":
+            raise ServeConfigError("--quant-policy 16 (fp8 KV) needs --backend pytorch; TurboMind takes 0, 4 or 8")
+        for name in ("max_batch_size", "max_prefill_token_num"):
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise ServeConfigError(f"--{name.replace('_', '-')} must be at least 1, got {n}")
         if self.tp < 1 or self.tp & (self.tp - 1):
             raise ServeConfigError(f"--tp must be a power of two (1, 2, 4, 8), as lmdeploy requires; got {self.tp}")
-        if not 0 < self.cache_max_entry_count <= 1:
-            raise ServeConfigError("cache_max_entry_count must be in (0, 1]")
+        if self.cache_max_entry_count is not None and not 0 < self.cache_max_entry_count <= 1:
+            raise ServeConfigError(f"--cache-max-entry-count must be in (0, 1], got {self.cache_max_entry_count}")
 
     def settings(self) -> dict[str, str]:
         """Every setting, for the reuse fingerprint (the CPU engine's argv leaves the lmdeploy ones out)."""
         keep = ("engine", "model", "backend", "tp", "cache_max_entry_count", "quant_policy", "max_batch_size",
-                "session_len", "model_format", "expose")
+                "max_prefill_token_num", "session_len", "model_format", "expose")
         return {k: str(getattr(self, k)) for k in keep}
 
 
@@ -113,7 +128,9 @@ def config_from(v: Any, **more: Any) -> ServeConfig:
     """A :class:`ServeConfig` from :data:`OPTIONS`' values (the API key from ``$LLAMA3_OPS_API_KEY``)."""
     return ServeConfig(engine=v.engine, model=v.model, port=v.port, expose=v.expose, env_bin_dir=v.env,
                        backend=v.backend, tp=v.tp, cache_max_entry_count=v.cache_max_entry_count,
-                       quant_policy=v.quant_policy, max_batch_size=v.max_batch_size, session_len=v.session_len,
+                       quant_policy=v.quant_policy, max_batch_size=v.max_batch_size,
+                       max_prefill_token_num=v.max_prefill_token_num, session_len=v.session_len,
+                       warmup=v.warmup,
                        **{"api_key": os.environ.get(API_KEY_ENV) or None, **more})
 
 
@@ -139,15 +156,14 @@ def build_spec(cfg: ServeConfig, host: Host) -> ServiceSpec:
             cfg.backend,
             "--tp",
             str(cfg.tp),
-            "--cache-max-entry-count",
-            str(cfg.cache_max_entry_count),
-            "--quant-policy",
-            str(cfg.quant_policy),
-            "--max-batch-size",
-            str(cfg.max_batch_size),
-            "--session-len",
-            str(cfg.session_len),
         ]
+        # None: not passed (the engine's own default); serve() fills them from the GPU table first
+        for flag, value in (("--cache-max-entry-count", cfg.cache_max_entry_count),
+                            ("--quant-policy", cfg.quant_policy), ("--max-batch-size", cfg.max_batch_size),
+                            ("--max-prefill-token-num", cfg.max_prefill_token_num)):
+            if value is not None:
+                argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+        argv += ["--session-len", str(cfg.session_len)]
         model_format = cfg.model_format or fmt
         if model_format:
             argv += ["--model-format", model_format]
@@ -172,6 +188,20 @@ class ServeResult:
     started_now: bool
     ready: health.Ready | None
     command: str
+    tuning: tuning.Tuning | None = None
+    warmup: warmup.Result | None = None
+
+
+def tuned(cfg: ServeConfig, gpu0: gpu.GPU | None) -> tuple[ServeConfig, tuning.Tuning]:
+    """``cfg`` with every engine setting not given as a flag taken from the GPU table (lmdeploy only)."""
+    t = tuning.with_flags(tuning.choose(gpu0, cfg.backend), max_batch_size=cfg.max_batch_size,
+                          cache_max_entry_count=cfg.cache_max_entry_count, quant_policy=cfg.quant_policy,
+                          max_prefill_token_num=cfg.max_prefill_token_num)
+    out = replace(cfg, max_batch_size=t.max_batch_size, cache_max_entry_count=t.cache_max_entry_count,
+                  quant_policy=t.quant_policy, max_prefill_token_num=t.max_prefill_token_num,
+                  tuning_source=t.source)
+    out.validate()
+    return out, t
 
 
 def check_host(remote: Remote, spec: ServiceSpec, cfg: ServeConfig, host: Host) -> None:
@@ -212,21 +242,29 @@ def serve(
     :class:`health.NotReadyError` is raised with the last log lines.
     """
     console = console or Console(stderr=True)
+    cfg.validate()
     host = read_host(remote)
+    current = services.status(remote, cfg.name, log_lines=0)
+    tune: tuning.Tuning | None = None
+    if cfg.engine == "lmdeploy":
+        if current.running:  # it holds the GPU memory: the table goes by the GPU's model and total memory
+            gpus = gpu.query_gpus(remote)
+        else:  # GPU count and memory for --tp N before anything starts
+            gpus = gpu.check_tp(remote, "serve", cfg.tp)
+            console.print(f"GPUs for --tp {cfg.tp}: " + gpu.memory_line(gpus), markup=False)
+        cfg, tune = tuned(cfg, gpus[0] if gpus else None)
+        gpu_name = gpus[0].name if gpus else "no GPU"
+        console.print(f"engine settings for {gpu_name}: {tune.line()}", markup=False)
     spec = build_spec(cfg, host)
     check_host(remote, spec, cfg, host)
-    current = services.status(remote, cfg.name, log_lines=0)
-    if cfg.engine == "lmdeploy" and not current.running:
-        # GPU count and memory for --tp N before anything starts (a running server holds the memory).
-        gpus = gpu.check_tp(remote, "serve", cfg.tp)
-        console.print(f"GPUs for --tp {cfg.tp}: " + gpu.memory_line(gpus))
-    console.print(f"[bold]{cfg.name}[/] on {remote.label}: {spec.display()}")
+    console.print(f"{cfg.name} on {remote.label}: {spec.display()}", markup=False)
     st, started_now = services.start(remote, spec, restart=restart, mode=mode, current=current)
     console.print(
         f"{'started' if started_now else 'already running with the same settings, reused'}: "
         f"pid {st.pid} ({st.mode}), log {st.log_path}"
     )
     ready = None
+    warm: warmup.Result | None = None
     if wait:
         probe = health.RemoteHttpProbe(remote, cfg.port, cfg.api_key)
         with services.stopped_on_failure(remote, cfg.name, started_now, lambda e: console.print(
@@ -238,11 +276,15 @@ def serve(
                 console=console,
                 interval=1.0,
             )
-        console.print(
-            f"[green]ready[/] after {ready.seconds:.1f}s: model {ready.model_id!r} "
-            f"(health via {ready.health_path})"
-        )
-    return ServeResult(st, started_now, ready, spec.display())
+            if started_now and cfg.warmup:
+                console.print(f"answering after {ready.seconds:.1f}s; warming up", markup=False)
+                plan = warmup.plan_for(cfg.engine, cfg.max_batch_size)
+                warm = warmup.run(remote, cfg.port, ready.model_id, plan, api_key=cfg.api_key, console=console)
+                console.print(f"warm-up: {plan.describe()}, {warm.seconds:.1f}s", markup=False)
+        total = ready.seconds + (warm.seconds if warm else 0.0)
+        console.print(f"[green]ready[/] after {total:.1f}s: model {ready.model_id!r} "
+                      f"(health via {ready.health_path}{', warmed' if warm else ''})", highlight=False)
+    return ServeResult(st, started_now, ready, spec.display(), tune, warm)
 
 
 def stop(remote: Remote, name: str = SERVICE_NAME, timeout: float = 30.0) -> ServiceStatus:
