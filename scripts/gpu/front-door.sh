@@ -19,7 +19,8 @@
 #   down        fab -H gpu down; nothing may be left listening on 23333
 #
 # Every phase has a time limit; each one's console log, the recaps and the bench JSONs go to $WORK/fd,
-# packed into $OUT/front-door.tgz after every phase. The phases can be split over several calls (the
+# packed into $OUT/front-door.tgz after every phase (DEADLINE_S=N: phases are cut to end 25 s before N
+# seconds, the device call's limit, so the pack always happens). The phases can be split over several calls (the
 # machine keeps its state between calls made within its warm time). DRY=1 prints the commands only.
 set -uo pipefail
 DRY=${DRY:-0}
@@ -182,11 +183,11 @@ warmbench() {
           --backend pytorch --engine-version 0.18.0 $(served_settings) --num-prompts 2000 --concurrency 512)
   for i in 1 2; do
     "$PY" -m llama3_ops.bench online --base-url http://127.0.0.1:23334 "${common[@]}" --warmup 0 \
-      --engine-setting served_warmup=fab-serve --out "$RES/warmbench-run$i" 2>&1 \
+      --server-warmed --out "$RES/warmbench-run$i" 2>&1 \
       | tee -a "$RES/warmbench.log" | grep -E "RPS|rps|status" | tail -3
   done
   "$PY" -m llama3_ops.bench online --base-url http://127.0.0.1:23334 "${common[@]}" \
-    --engine-setting served_warmup=fab-serve --out "$RES/warmbench-run3-bench-warmup" 2>&1 \
+    --server-warmed --out "$RES/warmbench-run3-bench-warmup" 2>&1 \
     | tee -a "$RES/warmbench.log" | grep -E "RPS|rps|status" | tail -3
   kill "$sampler" 2>/dev/null
   cp /root/.local/state/llama3-ops/logs/llm.log "$RES/server.log" 2>/dev/null
@@ -211,10 +212,14 @@ fi
 declare -A LIMITS=([sshd]=90 [checkpoint]=150 [provision]=300 [serve]=240 [bench]=420 [warmbench]=240 [down]=60)
 for phase in $PHASES; do
   [ -n "${LIMITS[$phase]:-}" ] || { echo "unknown phase $phase (${!LIMITS[*]})" >&2; exit 2; }
-  log "phase $phase (limit ${LIMITS[$phase]} s)"
-  if [ "$DRY" = 1 ]; then echo "+ limit ${LIMITS[$phase]} $0 __one $phase"; continue; fi
+  lim=${LIMITS[$phase]}
+  # DEADLINE_S: the device call's own limit; each phase ends 25 s before it, so what it has is packed
+  if [ -n "${DEADLINE_S:-}" ] && [ $((DEADLINE_S - SECONDS - 25)) -lt "$lim" ]; then lim=$((DEADLINE_S - SECONDS - 25)); fi
+  [ "$lim" -gt 0 ] || { log "no time left for $phase (DEADLINE_S=$DEADLINE_S)"; break; }
+  log "phase $phase (limit $lim s)"
+  if [ "$DRY" = 1 ]; then echo "+ limit $lim $0 __one $phase"; continue; fi
   t0=$SECONDS
-  limit "${LIMITS[$phase]}" bash "$0" __one "$phase" > "$RES/$phase.log" 2>&1
+  limit "$lim" bash "$0" __one "$phase" > "$RES/$phase.log" 2>&1
   rc=$?
   tail -15 "$RES/$phase.log"
   printf '{"phase": "%s", "rc": %d, "seconds": %d}\n' "$phase" "$rc" $((SECONDS - t0)) >> "$PHASES_JSONL"

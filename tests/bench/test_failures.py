@@ -46,7 +46,11 @@ def test_warmup_requests_are_sent_first_recorded_and_not_counted(tmp_path: Path)
     cold = tmp_path / "cold"
     with standin_process(tokens_per_s=400.0) as base:
         assert main(_online(base, cold)) == 0
-    assert json.loads((cold / "online-c0002.json").read_text())["warm"] is False
+        assert json.loads((cold / "online-c0002.json").read_text())["warm"] is False
+        assert main(_online(base, cold, "--server-warmed")) == 0  # fab serve warmed it: no bench warm-up needed
+    told = json.loads((cold / "online-c0002.json").read_text())
+    assert told["warm"] is True and told["warmup"] == {"requests": 0, "failed": 0, "wall_s": 0.0,
+                                                       "server_warmed": True}
 
 
 def test_a_bad_warmup_count_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

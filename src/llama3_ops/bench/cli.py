@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests from the workload sent at each point's concurrency before it is measured, not counted "
         "(default -1: as many as the concurrency, one full wave; 0: none); recorded in the JSON",
     )
+    on.add_argument(
+        "--server-warmed",
+        action="store_true",
+        help="the server was warmed before this bench (fab serve does so unless --no-warmup): recorded",
+    )
     _common(on)
 
     off = sub.add_parser("offline", help="lmdeploy in-process pipeline (as profile_throughput.py)")
@@ -370,7 +375,8 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
                 concurrency=c,
                 per_request=[r.to_compact() for r in lr.results],
                 prov=prov,
-                extra={"warmup": warm, "warm": warm["requests"] > 0},
+                extra={"warmup": {**warm, "server_warmed": args.server_warmed},
+                       "warm": warm["requests"] > 0 or args.server_warmed},
             )
         )
     return _finish(runs, out, args, console)
