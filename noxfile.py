@@ -169,6 +169,14 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def sweep(session: nox.Session) -> None:
+    """fab serve's settings swept on a host: `nox -s sweep -- --inventory INV --host-name gpu1 --point K=V -- BENCH`."""
+    _install(session)
+    args = session.posargs or ["--help"]
+    session.run("python", "-m", "llama3_ops.lab.sweep", *args)
+
+
+@nox.session(python=PYTHON)
 def bench_tunnel(session: nox.Session) -> None:
     """Requests/s and tokens/s through the tunnel vs direct, at concurrency 64 and 256."""
     _install(session)

@@ -16,6 +16,9 @@
 #   warmbench   right after serve: the bench through the tunnel with no warm-up of its own, twice at
 #               concurrency 512 (is fab serve's warm-up enough: the first run within 3% of the second?),
 #               then once with the bench's default warm-up
+#   sweep       python -m llama3_ops.lab.sweep over the inventory's host: the no-flag default, then each of
+#               $SWEEP_POINTS (space-separated K=V[,K=V] points), each served with --restart, warmed, benched
+#               through the tunnel at c=512 and sampled on the host (~2 min a point); -> $RES/sweep/sweep.json
 #   down        fab -H gpu down; nothing may be left listening on 23333
 #
 # Every phase has a time limit; each one's console log, the recaps and the bench JSONs go to $WORK/fd,
@@ -194,6 +197,23 @@ warmbench() {
   return 0
 }
 
+sweep() {
+  local pts=() p
+  for p in ${SWEEP_POINTS:-max_batch_size=1024 quant_policy=16 top_k=1}; do pts+=(--point "$p"); done
+  sampler=$(gpu_sampler "$RES/gpu-sweep.csv")
+  "$PY" -m llama3_ops.lab.sweep --inventory "$INV" --host-name gpu --backend pytorch --out "$RES/sweep" \
+    --interval 2 "${pts[@]}" -- --dataset "workload:$WORKLOAD" --num-prompts 2000 --concurrency 512 \
+    --profile host --no-progress --engine-version 0.18.0
+  local rc=$?
+  kill "$sampler" 2>/dev/null
+  find "$RES/sweep" -name 'online-c*.json' -exec "$PY" -c "
+import json, sys
+for f in sys.argv[1:]:
+    d = json.load(open(f)); d['per_request_dropped'] = len(d.pop('per_request', [])); json.dump(d, open(f, 'w'), indent=1)
+" {} +
+  return $rc
+}
+
 down() {
   "${FAB[@]}" down
   if "$PY" -c "import socket; s=socket.socket(); s.settimeout(1); exit(0 if s.connect_ex(('127.0.0.1', 23333)) else 1)"; then
@@ -209,7 +229,7 @@ if [ "${1:-}" = __one ]; then  # one phase, in its own process (so `timeout` can
   "$2"
   exit $?
 fi
-declare -A LIMITS=([sshd]=90 [checkpoint]=150 [provision]=300 [serve]=240 [bench]=420 [warmbench]=240 [down]=60)
+declare -A LIMITS=([sshd]=90 [checkpoint]=150 [provision]=300 [serve]=240 [bench]=420 [warmbench]=240 [sweep]=560 [down]=60)
 for phase in $PHASES; do
   [ -n "${LIMITS[$phase]:-}" ] || { echo "unknown phase $phase (${!LIMITS[*]})" >&2; exit 2; }
   lim=${LIMITS[$phase]}

@@ -56,7 +56,8 @@ loop_ms = int(args[args.index("-lms") + 1]) if "-lms" in args else 0
 fields = query[0].split(",")
 def row(i, g):
     val = {"index": str(i), "name": g["name"], "memory.total": str(g["total"]), "memory.used": str(g["used"]),
-           "memory.free": str(g["total"] - g["used"]), "driver_version": "580.159.04"}
+           "memory.free": str(g["total"] - g["used"]), "driver_version": "580.159.04",
+           "utilization.gpu": str(g.get("util", 0))}
     return ", ".join(val[f] for f in fields)
 while True:
     for i, g in enumerate(state()["gpus"]):

@@ -365,17 +365,26 @@ def target_from_args(args: argparse.Namespace) -> SSHTarget:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...``."""
-    p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.serve")
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """Where the server runs: ``--local``, ``--inventory INV --host-name NAME``, or ``--host/--user/...``."""
     p.add_argument("--local", action="store_true", help="run on this machine, no SSH")
-    p.add_argument("--inventory")
+    p.add_argument("--inventory", help="an Ansible inventory (with --host-name: the host in it)")
     p.add_argument("--host-name", default="")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--user", default="root")
     p.add_argument("--ssh-port", type=int, default=22)
     p.add_argument("--key")
     p.add_argument("--known-hosts")
+
+
+def remote_from_args(args: argparse.Namespace) -> Remote:
+    return transport.LocalRemote() if args.local else transport.SSHRemote(target_from_args(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...``."""
+    p = argparse.ArgumentParser(prog="python -m llama3_ops.stages.serve")
+    add_target_args(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
     add_to(up, OPTIONS)
@@ -400,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m llama3_ops.stages.serve [target options] up|status|logs|stop ...`` (exit 1 on failure)."""
     args = build_parser().parse_args(argv)
     con = Console(stderr=True)
-    remote: Remote = transport.LocalRemote() if args.local else transport.SSHRemote(target_from_args(args))
+    remote = remote_from_args(args)
     try:
         if args.cmd == "up":
             cfg = config_from(args, log_level=args.log_level or None, extra_args=tuple(args.extra_arg),
