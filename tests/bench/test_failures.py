@@ -155,6 +155,38 @@ def test_offline_failed_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert point["failures"]["reasons"] == [{"reason": "no finished output", "count": 2}]
 
 
+class _FinishingPipe(_HalfFinishingPipe):
+    def stream_infer(self, prompts: list[str], gen_config: list[Any], do_preprocess: bool = True) -> Any:
+        for i, g in enumerate(gen_config):
+            for k in range(g.max_new_tokens):
+                yield SimpleNamespace(index=i, generate_token_len=k + 1,
+                                      finish_reason="length" if k == g.max_new_tokens - 1 else None)
+
+
+def test_offline_takes_the_gpu_tables_settings_unless_flags_say_otherwise(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 580.159.04, 143771 MiB'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    configs: list[dict[str, Any]] = []
+    fake = SimpleNamespace(__version__="0.18.0-fake", PytorchEngineConfig=lambda **kw: configs.append(kw) or kw,
+                           GenerationConfig=lambda **kw: SimpleNamespace(**kw),
+                           pipeline=lambda model, backend_config: _FinishingPipe())  # fmt: skip
+    monkeypatch.setitem(sys.modules, "lmdeploy", fake)
+    argv = ["offline", "--model", str(tmp_path), "--dataset", "synthetic:8:4", "--num-prompts", "6"]
+    assert main([*argv, "--out", str(tmp_path / "table")]) == 0
+    assert (configs[-1]["max_batch_size"], configs[-1]["cache_max_entry_count"]) == (512, 0.9)
+    point = json.loads((tmp_path / "table" / "offline-c0512.json").read_text())
+    assert point["settings"]["tuning_source"] == "table row H200"
+    assert main([*argv, "--cache-max-entry-count", "0.5", "--concurrency", "4", "--out", str(tmp_path / "f")]) == 0
+    assert (configs[-1]["max_batch_size"], configs[-1]["cache_max_entry_count"]) == (4, 0.5)
+    point = json.loads((tmp_path / "f" / "offline-c0004.json").read_text())
+    assert point["settings"]["tuning_source"] == (
+        "table row H200; --max-batch-size, --cache-max-entry-count from the command line")
+
+
 def test_user_text_is_never_read_as_markup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # ":abc:" is a rich emoji code and "[bold]" a markup tag: both must come back as typed.
     assert main(["offline", "--model", str(tmp_path), "--dataset", "synthetic:abc:1"]) == 2

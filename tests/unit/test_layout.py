@@ -16,8 +16,9 @@ ALLOWED: dict[str, set[str]] = {
     "bench": {"remote"},
     "lab": {"remote", "stages", "bench", "provision"},
 }
-# The base error class and __version__: any group may use them.
-SHARED = {"llama3_ops", "llama3_ops.errors", "llama3_ops.__version__"}
+# The base error class, __version__ and the GPU settings table (fab serve's and bench offline's defaults):
+# any group may use them; they import no group.
+SHARED = {"llama3_ops", "llama3_ops.errors", "llama3_ops.__version__", "llama3_ops.engine_settings"}
 
 
 def group_of(module: str) -> str:
@@ -85,4 +86,10 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
 
 def test_no_module_is_left_at_the_top_but_the_core() -> None:
     top = sorted(p.stem for p in PKG.glob("*.py"))
-    assert top == ["__init__", "__main__", "cli", "errors"], top
+    assert top == ["__init__", "__main__", "cli", "engine_settings", "errors"], top
+
+
+def test_the_shared_modules_import_no_group() -> None:
+    for name in ("errors", "engine_settings"):
+        found = imports(PKG / f"{name}.py") - SHARED
+        assert not found, (name, found)

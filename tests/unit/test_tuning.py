@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_ops.stages import tuning
+from llama3_ops import engine_settings as tuning
 from llama3_ops.stages.gpu import GPU
 from llama3_ops.stages.host import Host
 from llama3_ops.stages.serve import ServeConfig, ServeConfigError, build_spec, tuned
@@ -43,7 +43,7 @@ def test_every_row_names_committed_runs_that_hold_its_figures() -> None:
 
 
 def test_h200_gets_its_measured_row_and_fab_serve_passes_it() -> None:
-    t = tuning.choose(H200, "pytorch")
+    t = tuning.choose(H200.name, H200.memory_total_mib, "pytorch")
     assert (t.max_batch_size, t.cache_max_entry_count, t.quant_policy, t.source) == (512, 0.9, 0, "table row H200")
     cfg, _ = tuned(ServeConfig(backend="pytorch"), H200)
     argv = _argv(cfg)
@@ -55,8 +55,8 @@ def test_h200_gets_its_measured_row_and_fab_serve_passes_it() -> None:
 
 
 def test_fp8_kv_only_on_the_pytorch_engine() -> None:
-    assert tuning.choose(H100, "pytorch").quant_policy == 16
-    tm = tuning.choose(H100, "turbomind")
+    assert tuning.choose(H100.name, H100.memory_total_mib, "pytorch").quant_policy == 16
+    tm = tuning.choose(H100.name, H100.memory_total_mib, "turbomind")
     assert tm.quant_policy == 0 and "KV fp16/bf16 on turbomind" in tm.source
     with pytest.raises(ServeConfigError, match="needs --backend pytorch"):
         ServeConfig(backend="turbomind", quant_policy=16).validate()
@@ -70,14 +70,14 @@ def test_fp8_kv_only_on_the_pytorch_engine() -> None:
     ("NVIDIA H200 NVL", 100000, 512, 0.9),  # an H200 name below the row's memory: the rule, not the row
 ])
 def test_gpus_not_in_the_table_get_the_rule_for_their_memory(name: str, mib: int, batch: int, cache: float) -> None:
-    t = tuning.choose(GPU(0, name, mib, 0))
+    t = tuning.choose(name, mib)
     assert (t.max_batch_size, t.cache_max_entry_count) == (batch, cache)
     assert "not in the table" in t.source and name in t.source
 
 
 def test_no_gpu_memory_reported_gets_the_smallest_rule() -> None:
     assert tuning.choose(None).max_batch_size == 64
-    assert tuning.choose(GPU(0, "MIG 1g.10gb", -1, -1)).max_batch_size == 64
+    assert tuning.choose("MIG 1g.10gb", -1).max_batch_size == 64
 
 
 def test_flags_win_over_the_table_one_by_one() -> None:

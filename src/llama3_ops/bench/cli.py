@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 from rich.text import Text
 
+from llama3_ops import engine_settings
 from llama3_ops.bench import report
 from llama3_ops.bench.errors import BenchError
 from llama3_ops.bench.metrics import aggregate
@@ -66,7 +67,9 @@ def online_settings(items: Sequence[str], tp: int | None) -> dict[str, Any]:
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--concurrency", default="256", help="comma-separated list; one run per value (sweep)")
+    ap.add_argument("--concurrency", default=None,
+                    help="comma-separated list; one run per value (online default 256; offline: the max batch "
+                         "size, default the GPU table's, llama3_ops/data/engine_settings.yml)")
     ap.add_argument("--num-prompts", type=int, default=1000, help="requests per run point")
     ap.add_argument(
         "--dataset",
@@ -166,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="engine max batch size (= concurrency, as profile_throughput); default: --concurrency",
     )
-    off.add_argument("--cache-max-entry-count", type=float, default=0.8)
+    off.add_argument("--cache-max-entry-count", type=float, default=None,
+                     help="the KV cache's share of free GPU memory (default: the GPU table's)")
     off.add_argument(
         "--engine-option",
         action="append",
@@ -183,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     off.add_argument("--tp", type=int, default=1)
     off.add_argument("--session-len", type=int, default=4096)
-    off.add_argument("--quant-policy", type=int, default=0)
+    off.add_argument("--quant-policy", type=int, default=None, choices=(0, 4, 8, 16),
+                     help="KV cache: 0 none, 4 int4, 8 int8, 16 fp8 (default: the GPU table's)")
     off.add_argument("--top-k", type=int, default=1)
     off.add_argument("--no-stream", action="store_true", help="batch call: RPS/tok/s only")
     _common(off)
@@ -306,7 +311,7 @@ def _finish(runs: list[dict[str, Any]], out: Path, args: argparse.Namespace, con
 def cmd_online(args: argparse.Namespace, console: Console) -> int:
     from llama3_ops.bench.client import ClientConfig, check_server, probe_ignore_eos, run_load
 
-    conc = parse_concurrency(args.concurrency)
+    conc = parse_concurrency(args.concurrency or "256")
     _check_max_failures(args)
     if args.warmup < -1:
         raise BenchError(f"--warmup must be -1 (one wave at each concurrency), 0 (none) or a count, got {args.warmup}")
@@ -415,14 +420,34 @@ def _json_values(items: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _offline_tuning(args: argparse.Namespace) -> engine_settings.Tuning:
+    """This machine's GPU's settings from the table, with every flag given winning for its setting."""
+    gpu = report.gpu_info()
+    try:
+        mib = int(str(gpu.get("memory", "")).split()[0])
+    except (IndexError, ValueError):
+        mib = -1
+    base = engine_settings.choose(gpu["name"] if gpu.get("count") else None, mib, args.backend)
+    given = args.max_batch_size or (max(parse_concurrency(args.concurrency)) if args.concurrency else None)
+    return engine_settings.with_flags(base, max_batch_size=given, cache_max_entry_count=args.cache_max_entry_count,
+                                      quant_policy=args.quant_policy)
+
+
 def cmd_offline(args: argparse.Namespace, console: Console) -> int:
     from llama3_ops.bench.offline import OfflineSettings, run_offline
 
-    conc = parse_concurrency(args.concurrency) if args.max_batch_size is None else [args.max_batch_size]
     if args.max_batch_size is not None and args.max_batch_size <= 0:
         raise BenchError("--max-batch-size must be > 0")
-    if not 0.0 < args.cache_max_entry_count <= 1.0:
+    if args.cache_max_entry_count is not None and not 0.0 < args.cache_max_entry_count <= 1.0:
         raise BenchError("--cache-max-entry-count must be in (0, 1]")
+    tune = _offline_tuning(args)
+    if args.max_batch_size is not None:
+        conc = [args.max_batch_size]
+    elif args.concurrency:
+        conc = parse_concurrency(args.concurrency)
+    else:
+        conc = [tune.max_batch_size]
+    report.say(console, f"engine settings: {tune.line()}")
     if not Path(args.model).exists():
         raise BenchError(f"model path not found: {args.model}")
     _check_max_failures(args)
@@ -434,14 +459,16 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
         st = OfflineSettings(
             backend=args.backend,
             max_batch_size=c,
-            cache_max_entry_count=args.cache_max_entry_count,
+            cache_max_entry_count=tune.cache_max_entry_count,
             tp=args.tp,
             session_len=args.session_len,
-            quant_policy=args.quant_policy,
+            quant_policy=tune.quant_policy,
             top_k=args.top_k,
             stream=not args.no_stream,
             driver=args.driver,
-            engine_options=_json_values(parse_settings(args.engine_option)),
+            engine_options={**({"max_prefill_token_num": tune.max_prefill_token_num}
+                               if tune.max_prefill_token_num else {}),
+                            **_json_values(parse_settings(args.engine_option))},
         )
         results, wall, engine = run_offline(args.model, wl.requests, st)
         m = aggregate(results, wall)
@@ -452,6 +479,7 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
             "max_output_len": args.max_output_len,
             "max_failures": args.max_failures,
             "model": args.model,
+            "tuning_source": tune.source,
         }
         runs.append(
             report.run_record(

@@ -4,7 +4,7 @@
 --point quant_policy=16 --point top_k=1 -- --dataset workload:gpu/sharegpt-2000-seed0.json --num-prompts 2000``
 
 The first point is always ``default``: ``fab serve`` with no tuning flag (the GPU table's choice,
-:mod:`llama3_ops.stages.tuning`). Each ``--point K=V[,K=V...]`` changes those settings over the default:
+:mod:`llama3_ops.engine_settings`). Each ``--point K=V[,K=V...]`` changes those settings over the default:
 ``max_batch_size``, ``cache_max_entry_count``, ``quant_policy``, ``max_prefill_token_num`` (engine
 flags), ``extra`` (more api_server flags, space-separated, e.g. ``extra=--eager-mode``) and ``top_k``
 (the bench's sampling: 1 is greedy). For every point: ``serve --restart`` with those settings (warmed

@@ -19,13 +19,14 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from llama3_ops import engine_settings
 from llama3_ops.errors import Llama3OpsError, report, returns_exit_code
 from llama3_ops.remote import health, services, transport
 from llama3_ops.remote.connection import SSHTarget
 from llama3_ops.remote.ports import DEFAULT_PORT
 from llama3_ops.remote.services import Arg, Secret, ServiceSpec, ServiceStatus
 from llama3_ops.remote.transport import Remote
-from llama3_ops.stages import gpu, tuning, warmup
+from llama3_ops.stages import gpu, warmup
 from llama3_ops.stages.host import Host, read_host
 from llama3_ops.stages.options import Opt, add_to
 
@@ -71,7 +72,7 @@ class ServeConfig:
     # lmdeploy
     backend: Literal["turbomind", "pytorch"] = "turbomind"
     tp: int = 1
-    # None: chosen for the GPU by serve() (llama3_ops.stages.tuning); a value is a flag that wins
+    # None: chosen for the GPU by serve() (llama3_ops.engine_settings); a value is a flag that wins
     cache_max_entry_count: float | None = None
     quant_policy: int | None = None  # 16: fp8 KV cache (lmdeploy >= 0.10 PyTorch engine)
     max_batch_size: int | None = None
@@ -188,15 +189,16 @@ class ServeResult:
     started_now: bool
     ready: health.Ready | None
     command: str
-    tuning: tuning.Tuning | None = None
+    tuning: engine_settings.Tuning | None = None
     warmup: warmup.Result | None = None
 
 
-def tuned(cfg: ServeConfig, gpu0: gpu.GPU | None) -> tuple[ServeConfig, tuning.Tuning]:
+def tuned(cfg: ServeConfig, gpu0: gpu.GPU | None) -> tuple[ServeConfig, engine_settings.Tuning]:
     """``cfg`` with every engine setting not given as a flag taken from the GPU table (lmdeploy only)."""
-    t = tuning.with_flags(tuning.choose(gpu0, cfg.backend), max_batch_size=cfg.max_batch_size,
-                          cache_max_entry_count=cfg.cache_max_entry_count, quant_policy=cfg.quant_policy,
-                          max_prefill_token_num=cfg.max_prefill_token_num)
+    chosen = engine_settings.choose(gpu0.name if gpu0 else None, gpu0.memory_total_mib if gpu0 else -1, cfg.backend)
+    t = engine_settings.with_flags(chosen, max_batch_size=cfg.max_batch_size,
+                                   cache_max_entry_count=cfg.cache_max_entry_count, quant_policy=cfg.quant_policy,
+                                   max_prefill_token_num=cfg.max_prefill_token_num)
     out = replace(cfg, max_batch_size=t.max_batch_size, cache_max_entry_count=t.cache_max_entry_count,
                   quant_policy=t.quant_policy, max_prefill_token_num=t.max_prefill_token_num,
                   tuning_source=t.source)
@@ -245,7 +247,7 @@ def serve(
     cfg.validate()
     host = read_host(remote)
     current = services.status(remote, cfg.name, log_lines=0)
-    tune: tuning.Tuning | None = None
+    tune: engine_settings.Tuning | None = None
     if cfg.engine == "lmdeploy":
         if current.running:  # it holds the GPU memory: the table goes by the GPU's model and total memory
             gpus = gpu.query_gpus(remote)

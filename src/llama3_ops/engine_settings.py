@@ -1,9 +1,10 @@
 """Engine settings chosen for the GPU: ``data/engine_settings.yml`` (measured rows, then rules by memory).
 
-``fab serve`` with no tuning flag takes its max batch size, KV cache ratio, KV quant policy and
-prefill size from here; a flag given on the command line wins over the table for that one setting::
+``fab serve`` and ``bench offline`` with no tuning flag take their max batch size, KV cache ratio, KV
+quant policy and prefill size from here (shared by :mod:`llama3_ops.stages` and :mod:`llama3_ops.bench`,
+so it depends on neither); a flag given on the command line wins over the table for that one setting::
 
-    >>> t = choose(GPU(0, "NVIDIA H200", 143771, 0), backend="pytorch")
+    >>> t = choose("NVIDIA H200", 143771, backend="pytorch")
     >>> (t.max_batch_size, t.cache_max_entry_count, t.source)
     (512, 0.9, 'table row H200')
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from llama3_ops.stages.gpu import GPU, MIB_PER_GIB
+MIB_PER_GIB = 1024.0
 
 SETTINGS = ("max_batch_size", "cache_max_entry_count", "quant_policy", "max_prefill_token_num")
 # The PyTorch engine takes fp8 KV (16); TurboMind takes 0, 4 and 8 only.
@@ -73,20 +74,20 @@ def _from(body: dict[str, Any], source: str, backend: str) -> Tuning:
     )
 
 
-def choose(gpu: GPU | None, backend: str = "pytorch") -> Tuning:
-    """The settings for ``gpu`` (GPU 0 of the replica): its table row, else the rule for its memory.
+def choose(gpu_name: str | None, memory_total_mib: int = -1, backend: str = "pytorch") -> Tuning:
+    """The settings for a GPU (GPU 0 of the replica): its table row, else the rule for its total memory.
 
-    ``None`` (no GPU answered, or memory not reported) gets the smallest rule.
+    No name (no GPU answered) or memory not reported (-1: MIG slices, some vGPUs) gets the smallest rule.
     """
     data = table()
-    total_gib = gpu.memory_total_mib / MIB_PER_GIB if gpu is not None and gpu.memory_total_mib > 0 else 0.0
-    if gpu is not None:
+    total_gib = memory_total_mib / MIB_PER_GIB if memory_total_mib > 0 else 0.0
+    if gpu_name is not None:
         for row in data["gpus"]:
-            if row["match"].lower() in gpu.name.lower() and total_gib >= float(row["min_memory_gib"]):
+            if row["match"].lower() in gpu_name.lower() and total_gib >= float(row["min_memory_gib"]):
                 return _from(row, f"table row {row['name']}", backend)
     for rule in data["rules"]:
         if total_gib >= float(rule["min_memory_gib"]):
-            what = f"{gpu.name}, {total_gib:.0f} GiB" if gpu is not None else "no GPU memory reported"
+            what = f"{gpu_name}, {total_gib:.0f} GiB" if gpu_name is not None else "no GPU memory reported"
             return _from(rule, f"rule for >= {rule['min_memory_gib']} GiB ({what}; not in the table)", backend)
     raise ValueError("engine_settings.yml: no rule with min_memory_gib 0")  # the file's last rule catches all
 
