@@ -33,6 +33,7 @@ from llama3_ops.stages import chat as chat_stage
 from llama3_ops.stages import client as chat_client
 from llama3_ops.stages import finetune as ft
 from llama3_ops.stages import llava as llava_stage
+from llama3_ops.stages import llava_finetune as llava_ft
 from llama3_ops.stages import quantize as quantize_stage
 from llama3_ops.stages import serve as srv
 from llama3_ops.stages import webdemo as webdemo_stage
@@ -200,6 +201,9 @@ def _detachable(run: object) -> None:
 finetune = fab_task("finetune", "Stage 2: self-cognition fine-tune: dataset, xtuner train, pth_to_hf, merge into "
                     "~/model/llama3_hf_merged.", ft.OPTIONS,
                     lambda c, v: _detachable(lambda: ft.finetune_from(_remote(c), v, console)))
+llava_finetune = fab_task("llava-finetune", "Stage 3: LLaVA image fine-tune (XTuner: LoRA on Llama 3 and CLIP, "
+                          "the pretrained projector), pth_to_hf, then one answer about an image.", llava_ft.OPTIONS,
+                          lambda c, v: _detachable(lambda: llava_ft.llava_finetune_from(_remote(c), v, console)))
 agent_finetune = fab_task("agent-finetune", "Stage 5: Agent-FLAN fine-tune (LoRA r=64, max_length 4096), convert, "
                           "merge into ~/model/llama3_agent_flan_merged.", agent_ft.OPTIONS,
                           lambda c, v: _detachable(lambda: agent_ft.agent_finetune_from(_remote(c), v, console)))

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("llama3_ops.stages.quantize", "W4A16 AWQ with offline calibration (--local)"),
     "llava": ("llama3_ops.stages.llava", "describe an image with LLaVA-Llama-3 (--local)"),
     "finetune": ("llama3_ops.stages.finetune", "self-cognition QLoRA fine-tune, convert, merge (--local)"),
+    "llava-finetune": ("llama3_ops.stages.llava_finetune", "the LLaVA image fine-tune, convert, answer (--local)"),
     "agent-finetune": ("llama3_ops.stages.agent_finetune", "the Agent-FLAN fine-tune (--local)"),
     "bench": ("llama3_ops.bench.cli", "the course's throughput benchmark (online | offline | workload | check)"),
     "tunnel": ("llama3_ops.remote.tunnel", "the SSH tunnels on this machine: status | down"),

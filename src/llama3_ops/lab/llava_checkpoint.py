@@ -111,7 +111,16 @@ def tensor_shapes(shape_name: str) -> Iterator[tuple[str, tuple[int, ...]]]:
         )
     yield f"{lm}norm.weight", (h,)
     yield "language_model.lm_head.weight", (PADDED_VOCAB, h)
-    d, vm = v.hidden_size, "vision_tower.vision_model."
+    yield from vision_tensors(v, "vision_tower.vision_model.")
+    yield "multi_modal_projector.linear_1.weight", (h, v.hidden_size)
+    yield "multi_modal_projector.linear_1.bias", (h,)
+    yield "multi_modal_projector.linear_2.weight", (h, h)
+    yield "multi_modal_projector.linear_2.bias", (h,)
+
+
+def vision_tensors(v: VisionShape, vm: str = "vision_model.") -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The CLIP vision tower's tensors (``vision_model.*``: a ``CLIPVisionModel``'s own names)."""
+    d = v.hidden_size
     yield f"{vm}embeddings.class_embedding", (d,)
     yield f"{vm}embeddings.patch_embedding.weight", (d, 3, v.patch_size, v.patch_size)
     yield f"{vm}embeddings.position_embedding.weight", (v.positions, d)
@@ -130,14 +139,69 @@ def tensor_shapes(shape_name: str) -> Iterator[tuple[str, tuple[int, ...]]]:
         )
     yield f"{vm}post_layernorm.weight", (d,)
     yield f"{vm}post_layernorm.bias", (d,)
-    yield "multi_modal_projector.linear_1.weight", (h, d)
-    yield "multi_modal_projector.linear_1.bias", (h,)
-    yield "multi_modal_projector.linear_2.weight", (h, h)
-    yield "multi_modal_projector.linear_2.bias", (h,)
 
 
 def _is_norm(name: str) -> bool:
     return "norm" in name or "layrnorm" in name
+
+
+def _tensor(name: str, shp: tuple[int, ...], device: str, gen: Any, dtype: Any) -> Any:
+    """A norm weight is 1, a bias 0, the rest N(0, 0.02)."""
+    import torch
+
+    if _is_norm(name) and name.endswith("weight"):
+        return torch.ones(shp, dtype=dtype, device=device)
+    if name.endswith("bias"):
+        return torch.zeros(shp, dtype=dtype, device=device)
+    return torch.empty(shp, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+
+
+def _random(names: Iterator[tuple[str, tuple[int, ...]]], device: str, gen: Any, dtype: Any) -> dict[str, Any]:
+    return {name: _tensor(name, shp, device, gen, dtype).cpu() for name, shp in names}
+
+
+def clip_processor_config(size: int) -> dict[str, Any]:
+    """openai/clip-vit-large-patch14-336's image processor at ``size`` pixels."""
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD, "do_convert_rgb": True}
+
+
+def make_xtuner_parts(clip_dir: Path, projector: Path, shape_name: str = "tiny", device: str = "cpu",
+                      seed: int = 0) -> tuple[Path, Path]:
+    """What XTuner's LLaVA fine-tune starts from, with random weights: a CLIP vision model
+    (``CLIPVisionModel``: config, processor, safetensors) and a pretrained-projector ``.pth``.
+
+    The projector is the two-layer MLP XTuner's ``ProjectorModel`` builds (``model.0`` linear
+    vision -> LLM hidden, GELU, ``model.2`` linear), saved as the pretrain stage saves it (an mmengine
+    checkpoint whose ``state_dict`` holds ``projector.model.*``; ``LLaVAModel(pretrained_pth=...)`` loads
+    it with ``strict=False``, so another prefix would be dropped without a word).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if shape_name not in VISION:
+        raise ValueError(f"unknown shape {shape_name!r}; choose one of {sorted(VISION)}")
+    v, t = VISION[shape_name], SHAPES[shape_name]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    save_file(_random(vision_tensors(v), device, gen, torch.bfloat16), str(clip_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    vision = llava_config(shape_name)["vision_config"]
+    (clip_dir / "config.json").write_text(json.dumps(
+        {"architectures": ["CLIPVisionModel"], **vision, "torch_dtype": "bfloat16"}, indent=2))
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps(clip_processor_config(v.image_size), indent=2))
+    h, d = t.hidden_size, v.hidden_size
+    proj = _random(iter([("projector.model.0.weight", (h, d)), ("projector.model.0.bias", (h,)),
+                         ("projector.model.2.weight", (h, h)), ("projector.model.2.bias", (h,))]),
+                   device, gen, torch.float32)
+    projector.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {"llama3_ops": f"random {shape_name} projector, seed {seed}"}, "state_dict": proj},
+               projector)
+    for f in (*clip_dir.iterdir(), projector):
+        f.chmod(0o644)
+    return clip_dir, projector
 
 
 def write_processor(out: Path, shape_name: str) -> None:
@@ -164,13 +228,8 @@ def write_processor(out: Path, shape_name: str) -> None:
     special["pad_token"] = PAD_TOKEN
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     size = VISION[shape_name].image_size
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
-    }, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {**clip_processor_config(size), "processor_class": "LlavaProcessor"}, indent=2))
     (out / "processor_config.json").write_text(json.dumps({
         "processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": VISION[shape_name].patch_size,
         "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
@@ -198,12 +257,7 @@ def make_llava_checkpoint(out: Path, shape_name: str = "tiny", device: str = "cp
             cur, size = {}, 0
 
     for name, shp in tensor_shapes(shape_name):
-        if _is_norm(name) and name.endswith("weight"):
-            t = torch.ones(shp, dtype=torch.bfloat16, device=device)
-        elif name.endswith("bias"):
-            t = torch.zeros(shp, dtype=torch.bfloat16, device=device)
-        else:
-            t = torch.empty(shp, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen)
+        t = _tensor(name, shp, device, gen, torch.bfloat16)
         nbytes = t.numel() * t.element_size()
         if size and size + nbytes > shard_bytes:
             flush()
@@ -235,7 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(VISION), default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--xtuner", action="store_true",
+                    help="instead: OUT/clip-vit-large-patch14-336 and OUT/llama3-llava-iter_2181.pth, what "
+                         "fab llava-finetune starts from")
     args = ap.parse_args(argv)
+    if args.xtuner:
+        clip, proj = make_xtuner_parts(args.out / "clip-vit-large-patch14-336", args.out / "llama3-llava-iter_2181.pth",
+                                       args.shape, args.device, args.seed)
+        print(f"wrote {args.shape} CLIP vision model {clip} and projector {proj}")
+        return 0
     path = make_llava_checkpoint(args.out, args.shape, args.device, args.seed)
     print(f"wrote {args.shape} LLaVA-Llama-3 checkpoint to {path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
     return 0

@@ -60,6 +60,7 @@ from llama3_ops.stages import finetune_log
 from llama3_ops.stages.finetune_config import (
     AGENT_FLAN,
     COURSE,
+    TEMPLATE,
     ConfigError,
     ConfigInputs,
     TrainParams,
@@ -83,11 +84,14 @@ HOST_FILES = (
     "torchvision_standin/torchvision/__init__.py",
     "torchvision_standin/torchvision/transforms/__init__.py",
     "torchvision_standin/torchvision/transforms/functional.py",
+    "cpu_compat/llama3_xtuner_llava_cpu.py",
     "check_merged.py",
     "convert_agentflan.py",
+    "llava_images.py",
+    "llava_answer.py",
 )
 Device = Literal["auto", "gpu", "cpu"]
-Step = Literal["train", "convert", "merge"]
+Step = Literal["train", "convert", "merge", "answer"]
 STEPS: tuple[Step, ...] = ("train", "convert", "merge")
 
 
@@ -139,6 +143,17 @@ class Job:
     dataset_map_fn: str | None
     # Puts the dataset on the host; returns (absolute data path, digest of its content).
     prepare_data: Callable[[Remote, HostInfo, Console], tuple[str, str]]
+    template: str = TEMPLATE  # the XTuner config template (finetune_files/)
+    # More template values for this host and these parameters (the LLaVA stage's encoder and projector).
+    config_extra: Callable[[HostInfo, TrainParams], dict[str, Any]] | None = None
+    adapter_check: str = "adapter_config.json"  # what pth_to_hf must have written, under its output
+    # The last step after convert: merge into a model (None), or another (the LLaVA stage's answer).
+    final: Callable[[_Run, str, str], tuple[str, str | None]] | None = None
+    final_step: Step = "merge"
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return ("train", "convert", self.final_step)
 
     def work_dir(self, host: HostInfo) -> str:
         return f"{host.course_dir}/work_dirs/{self.name}"
@@ -487,9 +502,10 @@ def _configure(r: _Run) -> None:
         name=r.job.name, fab_task=r.job.fab_task, course_config=r.job.course_config, model_path=r.model_path,
         data_path=r.data_path, dataset_format=r.job.dataset_format, dataset_map_fn=r.job.dataset_map_fn,
         system=r.job.system, evaluation_inputs=r.job.evaluation_inputs,
+        extra=r.job.config_extra(r.host, r.params) if r.job.config_extra else {},
     )
     try:
-        config_text = render(inputs, r.params)
+        config_text = render(inputs, r.params, r.job.template)
     except ConfigError as exc:
         raise FinetuneError(str(exc)) from exc
     put_text(r.remote, r.config_path, config_text)
@@ -588,7 +604,7 @@ def _convert(r: _Run, latest: str, ckpt: str) -> str:
         argv = [r.py, "-m", "xtuner.tools.model_converters.pth_to_hf", r.config_path, ckpt, tmp]
         run_step(remote, r.service(argv, "convert"), r.console, what=f"pth_to_hf {latest}")
         remote.run(
-            f"set -e; test -f {shlex.quote(tmp)}/adapter_config.json; rm -rf {shlex.quote(adapter)}; "
+            f"set -e; test -f {shlex.quote(tmp)}/{r.job.adapter_check}; rm -rf {shlex.quote(adapter)}; "
             f"mv {shlex.quote(tmp)} {shlex.quote(adapter)}",
             timeout=120,
         )
@@ -651,8 +667,10 @@ def run(
 ) -> FinetuneResult:
     """Run ``job`` on the host through train -> convert -> merge (or ``until`` an earlier step),
     skipping what is already done."""
-    if until not in STEPS:
-        raise FinetuneError(f"until must be one of {', '.join(STEPS)}, got {until!r}")
+    if until == "merge":
+        until = job.final_step  # the default: every step
+    if until not in job.steps:
+        raise FinetuneError(f"until must be one of {', '.join(job.steps)}, got {until!r}")
     console = console or Console(stderr=True)
     t0 = time.monotonic()
     r = _prepare(remote, job, base_model=base_model, device=device, params=params, cpu_iters=cpu_iters,
@@ -666,14 +684,17 @@ def run(
     adapter = _convert(r, latest, ckpt)
     if until == "convert":
         return r.result(ckpt, eval_answer, adapter)
-    merged, merged_answer = _merge(r, latest, adapter)
+    merged, merged_answer = (job.final or _merge)(r, latest, adapter)
     return r.result(ckpt, eval_answer, adapter, merged, merged_answer)
 
 
 def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResult:
     """Say what was made and what to do with it."""
     name = PurePosixPath(result.checkpoint).name
-    if result.merged_path is not None:
+    if result.merged_path is not None and job.final is not None:
+        console.print(f"[green]done[/]: {result.merged_path} (from {name}) answered about the image: "
+                      f"{result.merged_answer!r}", highlight=False)
+    elif result.merged_path is not None:
         model_arg = "merged" if job.merged_name == MERGED_NAME else result.merged_path
         console.print(f"[green]done[/]: {result.merged_path} (from {name}); serve it with "
                       f"`fab serve --model {model_arg}`")
@@ -683,7 +704,7 @@ def _finish(console: Console, job: Job, result: FinetuneResult) -> FinetuneResul
         console.print(f"[green]done[/]: trained to {result.checkpoint}; convert and merge with `fab {job.fab_task}`")
     if result.eval_answer is not None:
         console.print(f"XTuner's evaluation after training ({job.evaluation_inputs[0]!r}): {result.eval_answer!r}")
-    if result.merged_answer is not None:
+    if result.merged_answer is not None and job.final is None:
         console.print(f"the merged model answers: {result.merged_answer!r}")
     return result
 

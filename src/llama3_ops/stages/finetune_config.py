@@ -20,7 +20,7 @@ rendered for each host from one template and a :class:`TrainParams`:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any, Literal
 
@@ -154,10 +154,17 @@ class ConfigInputs:
     dataset_map_fn: str | None  # XTuner map fn name (openai_map_fn for Agent-FLAN), None: already XTuner format
     system: str
     evaluation_inputs: tuple[str, ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # more template values (the LLaVA stage's paths)
+
+
+def _template_text(name: str) -> str:
+    return resources.files(PACKAGE).joinpath(f"finetune_files/{name}").read_text(encoding="utf-8")
 
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(  # noqa: S701 - renders Python source, not HTML
+        # {% include 'x.py.j2' %}: the parts the SFT and LLaVA templates share, from finetune_files/
+        loader=jinja2.FunctionLoader(_template_text),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -174,7 +181,10 @@ def template_values(inputs: ConfigInputs, params: TrainParams) -> dict[str, Any]
             raise ConfigError(f"{label} must be an absolute path on the host, got {path!r}")
     if inputs.dataset_map_fn is not None and not inputs.dataset_map_fn.isidentifier():
         raise ConfigError(f"dataset_map_fn must be an XTuner map function name, got {inputs.dataset_map_fn!r}")
-    values = {**asdict(params), **asdict(inputs)}
+    for label, path in inputs.extra.items():
+        if label.endswith("_path") and not str(path).startswith("/"):
+            raise ConfigError(f"{label} must be an absolute path on the host, got {path!r}")
+    values = {**asdict(params), **asdict(inputs), **inputs.extra}
     values["evaluation_inputs"] = list(inputs.evaluation_inputs)
     # EvaluateChatHook str.format()s the system text together with the instruction: literal braces
     # (the Agent-FLAN tool description) are doubled, as the course config writes them.
@@ -182,8 +192,8 @@ def template_values(inputs: ConfigInputs, params: TrainParams) -> dict[str, Any]
     return values
 
 
-def render(inputs: ConfigInputs, params: TrainParams) -> str:
+def render(inputs: ConfigInputs, params: TrainParams, template: str = TEMPLATE) -> str:
     """The XTuner config text: LF line ends, only the paths in ``inputs``."""
-    text = resources.files(PACKAGE).joinpath(TEMPLATE).read_text(encoding="utf-8")
-    out = _environment().from_string(text).render(**template_values(inputs, params))
+    name = template.removeprefix("finetune_files/")
+    out = _environment().get_template(name).render(**template_values(inputs, params))
     return out.replace("\r\n", "\n")
