@@ -246,6 +246,8 @@ def serve(
     console = console or Console(stderr=True)
     cfg.validate()
     host = read_host(remote)
+    # the model and the engine first: a missing one is the error to show, before any GPU question
+    check_host(remote, build_spec(cfg, host), cfg, host)
     current = services.status(remote, cfg.name, log_lines=0)
     tune: engine_settings.Tuning | None = None
     if cfg.engine == "lmdeploy":
@@ -258,7 +260,6 @@ def serve(
         gpu_name = gpus[0].name if gpus else "no GPU"
         console.print(f"engine settings for {gpu_name}: {tune.line()}", markup=False)
     spec = build_spec(cfg, host)
-    check_host(remote, spec, cfg, host)
     console.print(f"{cfg.name} on {remote.label}: {spec.display()}", markup=False)
     st, started_now = services.start(remote, spec, restart=restart, mode=mode, current=current)
     console.print(
