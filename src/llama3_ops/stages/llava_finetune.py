@@ -102,7 +102,8 @@ def _check_projector(remote: Remote, path: str) -> None:
 
 
 def llava_job(remote: Remote, *, visual_encoder: str | None, projector: str | None, data: str | None,
-              image_folder: str | None, image: str | None, repeat: int, params: TrainParams) -> Job:
+              image_folder: str | None, image: str | None, repeat: int, params: TrainParams,
+              env_bin: str | None = None) -> Job:
     """The LLaVA fine-tune as a :class:`~llama3_ops.stages.finetune.Job` for this host."""
     if data is not None and (image_folder is None or image is None):
         raise FinetuneError("--data needs --image-folder (where its images are) and --image (the picture the "
@@ -114,7 +115,7 @@ def llava_job(remote: Remote, *, visual_encoder: str | None, projector: str | No
         shapes.validate()
     except ValueError as exc:
         raise FinetuneError(str(exc)) from exc
-    host = ft.read_host(remote)
+    host = ft.read_host(remote, env_bin)
     clip_path = host.expand(visual_encoder) if visual_encoder else host.host.sibling(CLIP_NAME)
     proj_path = host.expand(projector) if projector else host.host.sibling(PROJECTOR_NAME)
     vision = _clip_config(remote, clip_path)
@@ -205,7 +206,7 @@ def llava_finetune_from(remote: Remote, v: Any, console: Console | None = None) 
     except ConfigError as exc:
         raise FinetuneError(str(exc)) from exc
     job = llava_job(remote, visual_encoder=v.visual_encoder, projector=v.projector, data=v.data,
-                    image_folder=v.image_folder, image=v.image, repeat=v.repeat, params=params)
+                    image_folder=v.image_folder, image=v.image, repeat=v.repeat, params=params, env_bin=v.env)
     return ft.run(remote, job, base_model=v.base_model, device=v.device, cpu_iters=v.cpu_iters, env_bin=v.env,
                   console=console, until=v.until)
 
