@@ -89,8 +89,8 @@ serve = fab_task("serve", "Start (or reuse) the model server on the host and ope
 def client(c: Connection, local_port: int = 23333, port: int = 23333) -> None:
     """Interactive streamed chat with fab serve's model server, through its tunnel (opened if none is up)."""
     target = _remote(c).target
-    state = tunnel.live_tunnel(srv.SERVICE_NAME, remote_port=port, target=target.label) or tunnel.up(
-        tunnel.TunnelSpec(target=target, remote_port=port, local_port=local_port))
+    state = tunnel.up_or_reuse(tunnel.TunnelSpec(target=target, remote_port=port, local_port=local_port,
+                                                 name=srv.SERVICE_NAME))
     sys.exit(chat_client.repl(state.url, api_key=os.environ.get(srv.API_KEY_ENV)))
 
 

@@ -11,7 +11,7 @@ so it depends on neither); a flag given on the command line wins over the table 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -34,7 +34,6 @@ class Tuning:
     quant_policy: int
     max_prefill_token_num: int | None
     source: str
-    evidence: tuple[str, ...] = ()
 
     def settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SETTINGS}
@@ -45,11 +44,6 @@ class Tuning:
         prefill = self.max_prefill_token_num or "engine default"
         return (f"max batch {self.max_batch_size}, cache {self.cache_max_entry_count:g}, KV {kv}, "
                 f"prefill {prefill} ({self.source})")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["evidence"] = list(self.evidence)
-        return d
 
 
 @cache
@@ -70,7 +64,6 @@ def _from(body: dict[str, Any], source: str, backend: str) -> Tuning:
         quant_policy=qp,
         max_prefill_token_num=int(prefill) if prefill is not None else None,
         source=source,
-        evidence=tuple(body.get("evidence", ())),
     )
 
 

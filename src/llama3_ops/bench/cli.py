@@ -390,8 +390,8 @@ def cmd_online(args: argparse.Namespace, console: Console) -> int:
 def _warm_up(requests: Sequence[Any], concurrency: int, n: int, cfg: Any, console: Console) -> dict[str, Any]:
     """Send ``n`` requests (-1: ``concurrency``) of the workload, cycled, at ``concurrency``; not measured.
 
-    The first load after a server starts runs slow (12-15% on the H200: kernels still compile), so a
-    point measured cold understates the server. What the warm-up did is recorded beside the point.
+    The first load after a server starts runs slow (12-15% on the H200, 2026-12-03), so a point
+    measured cold understates the server. What the warm-up did is recorded beside the point.
     """
     from dataclasses import replace
 
@@ -420,7 +420,7 @@ def _json_values(items: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _offline_tuning(args: argparse.Namespace) -> engine_settings.Tuning:
+def _offline_tuning(args: argparse.Namespace, max_batch_size: int | None) -> engine_settings.Tuning:
     """This machine's GPU's settings from the table, with every flag given winning for its setting."""
     gpu = report.gpu_info()
     try:
@@ -428,8 +428,8 @@ def _offline_tuning(args: argparse.Namespace) -> engine_settings.Tuning:
     except (IndexError, ValueError):
         mib = -1
     base = engine_settings.choose(gpu["name"] if gpu.get("count") else None, mib, args.backend)
-    given = args.max_batch_size or (max(parse_concurrency(args.concurrency)) if args.concurrency else None)
-    return engine_settings.with_flags(base, max_batch_size=given, cache_max_entry_count=args.cache_max_entry_count,
+    return engine_settings.with_flags(base, max_batch_size=max_batch_size,
+                                      cache_max_entry_count=args.cache_max_entry_count,
                                       quant_policy=args.quant_policy)
 
 
@@ -440,13 +440,11 @@ def cmd_offline(args: argparse.Namespace, console: Console) -> int:
         raise BenchError("--max-batch-size must be > 0")
     if args.cache_max_entry_count is not None and not 0.0 < args.cache_max_entry_count <= 1.0:
         raise BenchError("--cache-max-entry-count must be in (0, 1]")
-    tune = _offline_tuning(args)
-    if args.max_batch_size is not None:
-        conc = [args.max_batch_size]
-    elif args.concurrency:
-        conc = parse_concurrency(args.concurrency)
-    else:
-        conc = [tune.max_batch_size]
+    # each point's max batch size: --max-batch-size, else each --concurrency, else the GPU table's
+    given = [args.max_batch_size] if args.max_batch_size is not None else (
+        parse_concurrency(args.concurrency) if args.concurrency else [])
+    tune = _offline_tuning(args, max(given) if given else None)
+    conc = given or [tune.max_batch_size]
     report.say(console, f"engine settings: {tune.line()}")
     if not Path(args.model).exists():
         raise BenchError(f"model path not found: {args.model}")

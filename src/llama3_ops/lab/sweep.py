@@ -174,20 +174,19 @@ def run_point(remote: Remote, base: srv.ServeConfig, pt: Point, bench_args: Sequ
     res = srv.serve(remote, cfg, restart=True, console=console)
     assert res.ready is not None
     if isinstance(remote, SSHRemote):
-        state = tunnel.live_tunnel(cfg.name, remote_port=cfg.port, target=remote.target.label) or tunnel.up(
-            tunnel.TunnelSpec(target=remote.target, remote_port=cfg.port, local_port=local_port, name=cfg.name))
+        state = tunnel.up_or_reuse(tunnel.TunnelSpec(target=remote.target, remote_port=cfg.port,
+                                                     local_port=local_port, name=cfg.name))
         url, path = state.url, "tunnel"
     else:
         url, path = f"http://127.0.0.1:{cfg.port}", "direct"
     d = out / pt.name.replace("/", "_").replace(" ", "")
     d.mkdir(parents=True, exist_ok=True)
-    st = services.status(remote, cfg.name, log_lines=0)
     settings = res.tuning.settings() if res.tuning else {}
     argv = ["online", "--base-url", url, "--model", res.ready.model_id, "--out", str(d / "bench"),
             "--engine", cfg.engine, "--backend", cfg.backend, "--tp", str(cfg.tp), "--server-warmed",
             *(f"--engine-setting={k}={v}" for k, v in settings.items() if v is not None),
             *([f"--top-k={pt.top_k}"] if pt.top_k is not None else []), *bench_args]
-    sampler = sample_during(remote, st.pid or 0, interval, 3600.0, d / "samples.jsonl")
+    sampler = sample_during(remote, res.status.pid or 0, interval, 3600.0, d / "samples.jsonl")
     t0 = time.monotonic()
     try:
         rc = bench_cli.main(argv)

@@ -689,6 +689,12 @@ def live_tunnel(
     return None
 
 
+def up_or_reuse(spec: TunnelSpec, *, root: Path | None = None) -> TunnelState:
+    """The live detached tunnel of ``spec.name`` to the same host and port, else a new one (:func:`up`)."""
+    return live_tunnel(spec.name, remote_port=spec.remote_port, target=spec.target.label, root=root) or up(
+        spec, root=root)
+
+
 def _kill_supervisor(pid: int, timeout: float = 8.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)

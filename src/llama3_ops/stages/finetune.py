@@ -663,12 +663,11 @@ def run(
     console: Console | None = None,
     on_progress: Callable[[finetune_log.IterProgress], None] | None = None,
     train_timeout: float | None = None,
-    until: Step = "merge",
+    until: Step | None = None,
 ) -> FinetuneResult:
-    """Run ``job`` on the host through train -> convert -> merge (or ``until`` an earlier step),
-    skipping what is already done."""
-    if until == "merge":
-        until = job.final_step  # the default: every step
+    """Run ``job`` on the host through train -> convert -> its final step (merge, or the LLaVA stage's
+    answer), or ``until`` an earlier step, skipping what is already done."""
+    until = until or job.final_step  # None: every step
     if until not in job.steps:
         raise FinetuneError(f"until must be one of {', '.join(job.steps)}, got {until!r}")
     console = console or Console(stderr=True)

@@ -122,6 +122,7 @@ def llava_job(remote: Remote, *, visual_encoder: str | None, projector: str | No
     _check_projector(remote, proj_path)
     image_tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
     folder = f"{host.course_dir}/data/llava"
+    eval_image = host.expand(image) if image else f"{folder}/{shapes.check_image}"  # the final answer's too
 
     def prepare(remote: Remote, host: HostInfo, console: Console) -> tuple[str, str]:
         if data is not None:
@@ -149,7 +150,7 @@ def llava_job(remote: Remote, *, visual_encoder: str | None, projector: str | No
     def extra(host: HostInfo, p: TrainParams) -> dict[str, Any]:
         return {"visual_encoder_path": clip_path, "projector_path": proj_path,
                 "image_folder_path": host.expand(image_folder) if image_folder else folder,
-                "evaluation_image_path": host.expand(image) if image else f"{folder}/{shapes.check_image}",
+                "evaluation_image_path": eval_image,
                 "on_cpu": p.on_cpu, **VISUAL_LORA}
 
     def answer(r: _Run, latest: str, llava_dir: str) -> tuple[str, str | None]:
@@ -159,9 +160,8 @@ def llava_job(remote: Remote, *, visual_encoder: str | None, projector: str | No
             r.skipped.append("answer")
             r.console.print(f"{llava_dir} already answered from {latest}: skipped")
             return llava_dir, done.get("answer")
-        img = extra(r.host, r.params)["evaluation_image_path"]
         argv = [r.py, f"{r.scripts}/llava_answer.py", r.model_path, "--visual-encoder", clip_path, "--llava",
-                llava_dir, "--image", img, "--prompt", QUESTION, "--max-new-tokens",
+                llava_dir, "--image", eval_image, "--prompt", QUESTION, "--max-new-tokens",
                 "16" if r.where == "cpu" else "64"]
         ft.run_step(r.remote, r.service(argv, "answer"), r.console, what="the answer about the image")
         out = services.logs(r.remote, f"{NAME}-answer", lines=50).splitlines()
@@ -169,8 +169,8 @@ def llava_job(remote: Remote, *, visual_encoder: str | None, projector: str | No
         if result is None:
             raise FinetuneError("the answer step printed no answer:\n" + "\n".join(out[-15:]))
         put_text(r.remote, f"{llava_dir}/{READY_MARKER}", json.dumps({
-            "run": r.run_fp, "checkpoint": latest, "answer": result["answer"], "image": img, "question": QUESTION,
-            "visual_encoder": clip_path, "projector": proj_path, "base": r.model_path,
+            "run": r.run_fp, "checkpoint": latest, "answer": result["answer"], "image": eval_image,
+            "question": QUESTION, "visual_encoder": clip_path, "projector": proj_path, "base": r.model_path,
             "answered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, ensure_ascii=False) + "\n")
         r.timings["answer"] = time.monotonic() - t
         return llava_dir, str(result["answer"])

@@ -77,7 +77,6 @@ class ServeConfig:
     quant_policy: int | None = None  # 16: fp8 KV cache (lmdeploy >= 0.10 PyTorch engine)
     max_batch_size: int | None = None
     max_prefill_token_num: int | None = None
-    tuning_source: str = ""  # where the settings came from (table row, rule, flags), once resolved
     warmup: bool = True  # warm the engine before "ready" (llama3_ops.stages.warmup)
     session_len: int = 8192
     model_format: str | None = None  # None: awq for the 4bit model, hf otherwise
@@ -200,8 +199,7 @@ def tuned(cfg: ServeConfig, gpu0: gpu.GPU | None) -> tuple[ServeConfig, engine_s
                                    cache_max_entry_count=cfg.cache_max_entry_count, quant_policy=cfg.quant_policy,
                                    max_prefill_token_num=cfg.max_prefill_token_num)
     out = replace(cfg, max_batch_size=t.max_batch_size, cache_max_entry_count=t.cache_max_entry_count,
-                  quant_policy=t.quant_policy, max_prefill_token_num=t.max_prefill_token_num,
-                  tuning_source=t.source)
+                  quant_policy=t.quant_policy, max_prefill_token_num=t.max_prefill_token_num)
     out.validate()
     return out, t
 

@@ -1,9 +1,11 @@
 """Warm the engine before ``fab serve`` says ready: waves of requests that pass through every batch size.
 
 The first benchmark after an lmdeploy server starts ran 12-15% below the next ones on the same server
-(H200, 2026-12-03: 47.3-47.7 RPS, then 53.4-56.1): the engine still captures CUDA graphs for decode
-batch sizes it has not seen and compiles kernels for new shapes. A user's first load should not pay
-for that, so ``fab serve`` sends :class:`Plan` first: ``waves`` times, ``requests`` chat completions at
+(H200, 2026-12-03: 47.3-47.7 RPS, then 53.4-56.1), although lmdeploy warms its decoding at start-up: the
+first real load through the API still pays for shapes and batch sizes not seen yet. With these waves
+first, the first bench after ``fab serve`` ran within 0.4% of the second (55.69 and 55.93 RPS,
+results/h200/2026-12-04/fast-by-default/). A user's first load should not pay for it, so ``fab serve``
+sends :class:`Plan` first: ``waves`` times, ``requests`` chat completions at
 once (the engine's max batch size), prompts of spread lengths (prefill shapes), and answers of staircase
 lengths (``min_tokens`` for the first request up to ``max_tokens`` for the last), so the decode batch
 steps down from ``requests`` to 1 and every CUDA-graph bucket is used once.
